@@ -1,0 +1,193 @@
+"""``deepshard.comm``: a thin facade over ``torch.distributed`` with DeepSpeed's function names.
+
+Every function works in a single process without a process group (rank 0 of a world of 1, and
+collectives are identities), so code written against this module runs unchanged at any scale.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ReduceOp
+
+from deepshard.comm.discovery import RankInfo, discover, export_torch_env, has_torch_env
+from deepshard.utils.logging import logger
+
+__all__ = [
+    "ReduceOp",
+    "RankInfo",
+    "init_distributed",
+    "is_initialized",
+    "is_available",
+    "get_rank",
+    "get_world_size",
+    "get_local_rank",
+    "get_local_world_size",
+    "get_backend",
+    "barrier",
+    "all_reduce",
+    "broadcast",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter_tensor",
+    "all_to_all_single",
+    "new_group",
+    "destroy_process_group",
+]
+
+DEFAULT_PORT = 29500
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+def init_distributed(
+    dist_backend: str | None = None,
+    auto_mpi_discovery: bool = True,
+    distributed_port: int = DEFAULT_PORT,
+    verbose: bool = True,
+    timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+    init_method: str | None = None,
+    dist_init_required: bool | None = None,
+    config: Any = None,
+    rank: int = -1,
+    world_size: int = -1,
+) -> None:
+    """Initialise ``torch.distributed`` the way DeepSpeed's ``init_distributed`` does.
+
+    Rank and rendezvous come from torchrun's variables, else (with ``auto_mpi_discovery``) from
+    Open MPI / MPICH / Intel MPI or SLURM variables. A process with none of them is a single-rank job:
+    no process group is created unless ``dist_init_required=True`` (then a one-rank group is made).
+    The backend defaults to the accelerator's (``nccl`` on GPUs, ``gloo`` on CPUs). Calling it when a
+    group already exists does nothing.
+    """
+    del config  # accepted for signature compatibility; the backend comes from the accelerator
+    if dist_init_required is False or dist.is_initialized():
+        return
+    from deepshard.accelerator import get_accelerator
+
+    backend = dist_backend or get_accelerator().communication_backend_name()
+    if rank >= 0 and world_size > 0:
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("WORLD_SIZE", str(world_size))
+    if not has_torch_env():
+        info = discover() if auto_mpi_discovery else RankInfo(0, 1, 0, 1, None, "single")
+        if info.source == "single" and not dist_init_required and init_method is None:
+            if verbose:
+                logger.info("no launcher environment found: running as a single process without a process group")
+            return
+        export_torch_env(info, distributed_port)
+    if backend == "nccl":
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if verbose:
+        logger.info(
+            "initialising torch.distributed: backend=%s rank=%s world_size=%s master=%s:%s",
+            backend,
+            os.environ.get("RANK"),
+            os.environ.get("WORLD_SIZE"),
+            os.environ.get("MASTER_ADDR"),
+            os.environ.get("MASTER_PORT"),
+        )
+    dist.init_process_group(backend=backend, init_method=init_method or "env://", timeout=timeout)
+
+
+def is_available() -> bool:
+    """Whether ``torch.distributed`` is built in."""
+    return dist.is_available()
+
+
+def is_initialized() -> bool:
+    """Whether a default process group exists."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank(group: Any = None) -> int:
+    """Rank in ``group`` (0 without a process group)."""
+    return dist.get_rank(group) if is_initialized() else 0
+
+
+def get_world_size(group: Any = None) -> int:
+    """Size of ``group`` (1 without a process group)."""
+    return dist.get_world_size(group) if is_initialized() else 1
+
+
+def get_local_rank() -> int:
+    """This process's index on its node (``LOCAL_RANK``)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def get_local_world_size() -> int:
+    """Processes on this node (``LOCAL_WORLD_SIZE``)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", str(get_world_size())))
+
+
+def get_backend(group: Any = None) -> str | None:
+    """The backend name of ``group``, or ``None`` without a process group."""
+    return str(dist.get_backend(group)) if is_initialized() else None
+
+
+def barrier(group: Any = None) -> None:
+    """Wait for every rank of ``group``."""
+    if is_initialized():
+        dist.barrier(group=group)
+
+
+def all_reduce(tensor: torch.Tensor, op: Any = ReduceOp.SUM, group: Any = None, async_op: bool = False) -> Any:
+    """In-place all-reduce of ``tensor`` (identity in a single process)."""
+    if is_initialized():
+        return dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
+    return None
+
+
+def broadcast(tensor: torch.Tensor, src: int, group: Any = None, async_op: bool = False) -> Any:
+    """Broadcast ``tensor`` from global rank ``src``."""
+    if is_initialized():
+        return dist.broadcast(tensor, src=src, group=group, async_op=async_op)
+    return None
+
+
+def all_gather(tensor_list: list[torch.Tensor], tensor: torch.Tensor, group: Any = None, async_op: bool = False) -> Any:
+    """Gather ``tensor`` from every rank into ``tensor_list``."""
+    if is_initialized():
+        return dist.all_gather(tensor_list, tensor, group=group, async_op=async_op)
+    tensor_list[0].copy_(tensor)
+    return None
+
+
+def all_gather_into_tensor(output: torch.Tensor, tensor: torch.Tensor, group: Any = None, async_op: bool = False) -> Any:
+    """Gather equal-size shards into one flat ``output`` ordered by rank."""
+    if is_initialized():
+        return dist.all_gather_into_tensor(output, tensor, group=group, async_op=async_op)
+    output.copy_(tensor.reshape(output.shape))
+    return None
+
+
+def reduce_scatter_tensor(
+    output: torch.Tensor, tensor: torch.Tensor, op: Any = ReduceOp.SUM, group: Any = None, async_op: bool = False
+) -> Any:
+    """Reduce ``tensor`` across ranks and keep this rank's equal-size chunk in ``output``."""
+    if is_initialized():
+        return dist.reduce_scatter_tensor(output, tensor, op=op, group=group, async_op=async_op)
+    output.copy_(tensor.reshape(output.shape))
+    return None
+
+
+def all_to_all_single(output: torch.Tensor, tensor: torch.Tensor, group: Any = None, async_op: bool = False) -> Any:
+    """Exchange equal chunks of ``tensor`` between all ranks."""
+    if is_initialized():
+        return dist.all_to_all_single(output, tensor, group=group, async_op=async_op)
+    output.copy_(tensor)
+    return None
+
+
+def new_group(ranks: list[int] | None = None, **kwargs: Any) -> Any:
+    """A new process group over ``ranks`` (``None`` without a default group)."""
+    return dist.new_group(ranks, **kwargs) if is_initialized() else None
+
+
+def destroy_process_group(group: Any = None) -> None:
+    """Tear down ``group`` (the default group when ``None``)."""
+    if is_initialized():
+        dist.destroy_process_group(group)

@@ -1,0 +1,36 @@
+"""What deepshard can run today: the one place that gates features still being built.
+
+The schema accepts every value DeepSpeed accepts; these sets decide which of them deepshard can
+execute. Widen them in the change that implements the feature (and regenerate docs/config.md).
+"""
+
+from __future__ import annotations
+
+from deepshard.config._schema import DeepShardConfig
+from deepshard.config.errors import NotSupportedYetError
+
+SUPPORTED_ZERO_STAGES: frozenset[int] = frozenset({0})
+"""ZeRO stages deepshard implements. Stage 0 is plain data parallelism; stages 1-3 come later."""
+
+SUPPORTED_OFFLOAD_DEVICES: frozenset[str] = frozenset({"none"})
+"""Offload tiers deepshard implements for ``offload_optimizer`` and ``offload_param``; ``cpu`` and ``nvme`` come later."""
+
+
+def check_supported(cfg: DeepShardConfig) -> None:
+    """Raise :class:`NotSupportedYetError` naming the key when ``cfg`` asks for a feature not built yet."""
+    zero = cfg.zero_optimization
+    if zero.stage not in SUPPORTED_ZERO_STAGES:
+        raise NotSupportedYetError(
+            f"zero_optimization.stage={zero.stage}: deepshard does not support ZeRO stage {zero.stage} yet "
+            f"(supported: {sorted(SUPPORTED_ZERO_STAGES)}); set zero_optimization.stage to 0 to continue."
+        )
+    for name, section in (
+        ("offload_optimizer", zero.offload_optimizer),
+        ("offload_param", zero.offload_param),
+    ):
+        if section is not None and section.device not in SUPPORTED_OFFLOAD_DEVICES:
+            raise NotSupportedYetError(
+                f"zero_optimization.{name}.device='{section.device}': deepshard does not support offload to "
+                f"'{section.device}' yet (supported: {sorted(SUPPORTED_OFFLOAD_DEVICES)}); set it to 'none' "
+                f"or remove zero_optimization.{name} to continue."
+            )

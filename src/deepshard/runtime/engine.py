@@ -1,0 +1,446 @@
+"""The training engine: orchestration of forward, backward, step, accumulation, clipping and counters.
+
+The engine owns no mechanism of its own. It composes, in this order:
+
+1. the :class:`~deepshard.precision.PrecisionPolicy` (module dtype, gradient dtype, wire dtype),
+2. the :class:`~deepshard.zero.grad_reduce.GradReducer` (gradient buffers and bucketed reduction),
+3. the :class:`~deepshard.precision.MasterWeights` (what the optimizer steps),
+4. the :class:`~deepshard.precision.LossScaler` (one for every stage),
+5. the optimizer and learning-rate schedule built from the config or given by the user.
+
+``step()`` at an accumulation boundary: gradients are already reduced (``backward`` waited for its
+collectives) → global norm of the scaled gradients → overflow check → one multiply that both unscales
+and clips → optimizer step on the masters → cast back into the module → loss-scale update → schedule
+step → zero gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from deepshard import comm
+from deepshard.accelerator import get_accelerator
+from deepshard.comm.bucketing import broadcast_coalesced
+from deepshard.config import DeepShardConfig
+from deepshard.precision import LossScaler, MasterWeights, PrecisionPolicy, loss_scaler_from_config
+from deepshard.runtime.dataloader import DeepShardDataLoader
+from deepshard.runtime.lr_schedules import build_lr_scheduler
+from deepshard.runtime.optimizers import build_optimizer
+from deepshard.utils.logging import log_dist
+from deepshard.zero.grad_reduce import GradReducer, ReduceSpec
+
+OptimizerLike = torch.optim.Optimizer | Callable[..., torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Bytes of model state held by this rank."""
+
+    parameters: int
+    gradients: int
+    master_weights: int
+    optimizer_states: int
+
+    @property
+    def total(self) -> int:
+        """All model-state bytes on this rank."""
+        return self.parameters + self.gradients + self.master_weights + self.optimizer_states
+
+
+def _unique_params(params: Iterable[Any]) -> list[torch.nn.Parameter]:
+    seen: set[int] = set()
+    out = []
+    for item in params:
+        group = item["params"] if isinstance(item, dict) else [item]
+        for p in group:
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+class DeepShardEngine(torch.nn.Module):
+    """Wraps a model for data-parallel training; built by :func:`deepshard.initialize`."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: DeepShardConfig,
+        optimizer: OptimizerLike | None = None,
+        model_parameters: Iterable[Any] | None = None,
+        lr_scheduler: Any = None,
+        training_data: Dataset[Any] | None = None,
+        collate_fn: Callable[..., Any] | None = None,
+        mpu: Any = None,
+    ) -> None:
+        super().__init__()
+        self._config = config
+        self.accelerator = get_accelerator()
+        self.mpu = mpu
+        self.dp_group = mpu.get_data_parallel_group() if mpu is not None else None
+        self.dp_world_size = comm.get_world_size(self.dp_group)
+        self.global_rank = comm.get_rank()
+        self.local_rank = comm.get_local_rank()
+        self.device = self.accelerator.device(self.local_rank if self.accelerator.name == "cuda" else None)
+
+        # 1. precision policy and the module in its dtype, identical on every rank
+        self.precision = PrecisionPolicy.from_config(config)
+        model.to(device=self.device, dtype=self.precision.param_dtype)
+        self.module = model
+        self._broadcast_model()
+        params = list(model.parameters())
+        trainable = [p for p in params if p.requires_grad]
+
+        # 2. gradient buffers and their reduction
+        spec = ReduceSpec(
+            world_size=self.dp_world_size,
+            reduce_dtype=self.precision.reduce_dtype,
+            prescale=config.prescale_gradients,
+            predivide_factor=config.gradient_predivide_factor,
+        )
+        self.reducer = GradReducer(
+            trainable,
+            grad_dtype=self.precision.grad_dtype,
+            bucket_elements=int(config.zero_optimization.reduce_bucket_size),
+            spec=spec,
+            group=self.dp_group,
+        )
+
+        # 3–5. masters, loss scaler, optimizer and schedule
+        self.masters = MasterWeights(trainable, enabled=self.precision.needs_master)
+        self.masters.attach_grads(self.reducer.grad_views())
+        self.loss_scaler: LossScaler = loss_scaler_from_config(config)
+        self.optimizer = self._configure_optimizer(optimizer, model_parameters, params)
+        self.lr_scheduler = self._configure_lr_scheduler(lr_scheduler)
+
+        self.training_dataloader = (
+            self.deepspeed_io(training_data, collate_fn=collate_fn) if training_data is not None else None
+        )
+
+        # counters (DeepSpeed's names)
+        self.micro_steps = 0
+        self.global_steps = 0
+        self.global_samples = 0
+        self.skipped_steps = 0
+        self._boundary_override: bool | None = None
+        self._inside_no_sync = False
+        self._step_applied = False
+        self._global_grad_norm: float | None = None
+        self._timers: dict[str, float] = {"forward": 0.0, "backward": 0.0, "step": 0.0}
+        log_dist(
+            f"engine ready: world={self.dp_world_size} params={sum(p.numel() for p in params):,} "
+            f"dtype={self.precision.param_dtype} micro_batch={self.train_micro_batch_size_per_gpu()} "
+            f"gas={self.gradient_accumulation_steps()} train_batch={self.train_batch_size()}",
+            ranks=[0],
+        )
+
+    # ------------------------------------------------------------------ construction helpers
+    def _broadcast_model(self) -> None:
+        if self.dp_world_size > 1:
+            tensors = [t.data for t in self.module.parameters()] + [b for b in self.module.buffers()]
+            src = torch.distributed.get_global_rank(self.dp_group, 0) if self.dp_group is not None else 0
+            broadcast_coalesced(tensors, src=src, group=self.dp_group)
+
+    def _masters_of(self, model_parameters: Iterable[Any]) -> list[Any]:
+        """``model_parameters`` (tensors or param-group dicts) with each parameter replaced by its master."""
+        out: list[Any] = []
+        for item in model_parameters:
+            if isinstance(item, dict):
+                group = dict(item)
+                group["params"] = [self.masters.master_of(p) for p in item["params"] if p.requires_grad]
+                out.append(group)
+            elif item.requires_grad:
+                out.append(self.masters.master_of(item))
+        return out
+
+    def _configure_optimizer(
+        self, client: OptimizerLike | None, model_parameters: Iterable[Any] | None, params: list[torch.nn.Parameter]
+    ) -> torch.optim.Optimizer | None:
+        cfg_opt = self._config.optimizer
+        if client is not None and cfg_opt is not None:
+            raise ValueError(
+                "an optimizer was given both to initialize(optimizer=...) and in the config's 'optimizer' section; "
+                "remove one of them."
+            )
+        model_parameters = list(model_parameters) if model_parameters is not None else params
+        if isinstance(client, torch.optim.Optimizer):
+            self.masters.adopt(client)
+            return client
+        if client is not None:
+            if not callable(client):
+                raise ValueError(f"optimizer must be a torch.optim.Optimizer or a callable, got {type(client).__name__}")
+            built = client(self._masters_of(model_parameters))
+            if not isinstance(built, torch.optim.Optimizer):
+                raise ValueError(f"the optimizer callable returned {type(built).__name__}, not a torch.optim.Optimizer")
+            return built
+        if cfg_opt is not None:
+            return build_optimizer(cfg_opt.type, cfg_opt.params, self._masters_of(model_parameters))
+        return None
+
+    def _configure_lr_scheduler(self, client: Any) -> Any:
+        cfg_sched = self._config.scheduler
+        if client is not None and cfg_sched is not None:
+            raise ValueError(
+                "a learning-rate scheduler was given both to initialize(lr_scheduler=...) and in the config's "
+                "'scheduler' section; remove one of them."
+            )
+        if client is not None:
+            if hasattr(client, "step"):
+                return client
+            if self.optimizer is None:
+                raise ValueError("lr_scheduler is a callable but there is no optimizer to give it")
+            return client(self.optimizer)
+        if cfg_sched is not None:
+            if self.optimizer is None:
+                raise ValueError(
+                    "the config has a 'scheduler' section but no optimizer; add an 'optimizer' section or pass one."
+                )
+            return build_lr_scheduler(cfg_sched.type, cfg_sched.params, self.optimizer)
+        return None
+
+    def deepspeed_io(
+        self,
+        dataset: Dataset[Any],
+        batch_size: int | None = None,
+        route: str | None = None,
+        pin_memory: bool = False,
+        data_sampler: Sampler[Any] | None = None,
+        collate_fn: Callable[..., Any] | None = None,
+        num_local_io_workers: int | None = None,
+    ) -> DeepShardDataLoader:
+        """A loader over this rank's share of ``dataset`` with the micro-batch size (DeepSpeed's name)."""
+        del route
+        return DeepShardDataLoader(
+            dataset,
+            batch_size=batch_size or self.train_micro_batch_size_per_gpu(),
+            rank=comm.get_rank(self.dp_group),
+            world_size=self.dp_world_size,
+            collate_fn=collate_fn,
+            drop_last=self._config.dataloader_drop_last,
+            num_workers=num_local_io_workers or 0,
+            pin_memory=pin_memory,
+            data_sampler=data_sampler,
+        )
+
+    # ------------------------------------------------------------------ config views
+    @property
+    def config(self) -> DeepShardConfig:
+        """The resolved configuration."""
+        return self._config
+
+    def train_batch_size(self) -> int:
+        """Samples per optimizer step across all data-parallel ranks."""
+        return self._config.train_batch_size
+
+    def train_micro_batch_size_per_gpu(self) -> int:
+        """Samples per forward on one rank."""
+        return self._config.train_micro_batch_size_per_gpu
+
+    def gradient_accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step."""
+        return self._config.gradient_accumulation_steps
+
+    def gradient_clipping(self) -> float:
+        """The global-norm clipping threshold (0 = off)."""
+        return self._config.gradient_clipping
+
+    def zero_optimization_stage(self) -> int:
+        """The ZeRO stage in use."""
+        return self._config.zero_optimization.stage
+
+    def fp16_enabled(self) -> bool:
+        """Whether the module runs in fp16."""
+        return self._config.fp16.enabled
+
+    def bfloat16_enabled(self) -> bool:
+        """Whether the module runs in bf16."""
+        return self._config.bf16.enabled
+
+    # ------------------------------------------------------------------ accumulation boundary
+    def is_gradient_accumulation_boundary(self) -> bool:
+        """Whether the current micro-step ends an accumulation window (or the override set by the user)."""
+        if self._boundary_override is not None:
+            return self._boundary_override
+        return (self.micro_steps + 1) % self.gradient_accumulation_steps() == 0
+
+    def set_gradient_accumulation_boundary(self, is_boundary: bool) -> None:
+        """Force the next backward/step to be (or not be) a boundary, ignoring the micro-step count."""
+        self._boundary_override = bool(is_boundary)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients locally without reducing them; the next backward outside reduces all.
+
+        As in DeepSpeed, ``step()`` may not be called inside, and micro-steps are not counted.
+        """
+        if self._inside_no_sync:
+            raise ValueError("no_sync() is already active; it cannot be nested")
+        self._inside_no_sync = True
+        try:
+            yield
+        finally:
+            self._inside_no_sync = False
+
+    # ------------------------------------------------------------------ forward / backward / step
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the wrapped module."""
+        if self._config.fp16.enabled and self._config.fp16.auto_cast:
+            args, kwargs = _cast_floating((args, kwargs), torch.float16)
+        start = time.perf_counter()
+        out = self.module(*args, **kwargs)
+        self._timers["forward"] += time.perf_counter() - start
+        return out
+
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True) -> torch.Tensor:
+        """Backward of ``loss / gradient_accumulation_steps`` times the loss scale.
+
+        At an accumulation boundary (outside ``no_sync``) gradients are reduced across ranks while
+        backward runs, and are final when this returns. Returns the accumulation-scaled loss.
+        """
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError(
+                f"backward() needs a scalar loss tensor, got {type(loss).__name__}"
+                + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
+                + "; reduce it (e.g. loss.mean()) first."
+            )
+        start = time.perf_counter()
+        if scale_wrt_gas and self.gradient_accumulation_steps() > 1:
+            loss = loss / self.gradient_accumulation_steps()
+        reduce = self.is_gradient_accumulation_boundary() and not self._inside_no_sync
+        self.reducer.begin_backward(reduce)
+        scaled = loss * self.loss_scaler.scale if self.loss_scaler.enabled else loss
+        scaled.backward(retain_graph=retain_graph)
+        self.reducer.finish()
+        self._timers["backward"] += time.perf_counter() - start
+        return loss
+
+    def step(self, lr_kwargs: dict[str, Any] | None = None) -> None:
+        """Count a micro-step; at a boundary, apply the optimizer step (or skip it on overflow)."""
+        if self._inside_no_sync:
+            raise ValueError("step() was called inside no_sync(); leave the no_sync() block before stepping")
+        start = time.perf_counter()
+        self._step_applied = False
+        if self.is_gradient_accumulation_boundary():
+            if self.optimizer is None:
+                raise ValueError("step() needs an optimizer: pass optimizer= to initialize() or add an 'optimizer' section")
+            self._take_model_step(lr_kwargs)
+        self.micro_steps += 1
+        self._boundary_override = None
+        self._timers["step"] += time.perf_counter() - start
+
+    def _take_model_step(self, lr_kwargs: dict[str, Any] | None) -> None:
+        assert self.optimizer is not None
+        flats = self.reducer.flat_buffers()
+        scale = self.loss_scaler.scale
+        scaled_norm = _global_norm(flats)
+        self._global_grad_norm = scaled_norm / scale
+        overflow = self.precision.check_overflow and not math.isfinite(scaled_norm)
+        if overflow:
+            self.skipped_steps += 1
+            log_dist(f"gradient overflow at step {self.global_steps}: skipping it (loss scale {scale})", ranks=[0])
+        else:
+            combined = scale
+            clip = self.gradient_clipping()
+            if clip > 0:
+                ratio = (scaled_norm / scale + 1e-6) / clip
+                if ratio > 1:
+                    combined = ratio * scale
+            if combined != 1.0:
+                torch._foreach_mul_(flats, 1.0 / combined)
+            self.masters.attach_grads(self.reducer.grad_views())
+            self.optimizer.step()
+            self.masters.release_grads()
+            self.masters.copy_to_model()
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.step(**(lr_kwargs or {}))
+        self.loss_scaler.update(overflow)
+        self._step_applied = not overflow
+        self.zero_grad()
+        self.global_steps += 1
+        self.global_samples += self.train_batch_size()
+        every = self._config.steps_per_print
+        if every is not None and self.global_steps % every == 0:
+            self._report_progress()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear accumulated gradients (buffers are zeroed in place; ``set_to_none`` is accepted for API parity)."""
+        del set_to_none
+        self.reducer.zero()
+
+    def _report_progress(self) -> None:
+        lrs = ", ".join(f"{lr:.3e}" for lr in self.get_lr())
+        message = f"step={self.global_steps} skipped={self.skipped_steps} lr=[{lrs}] loss_scale={self.loss_scaler.scale}"
+        if self._config.wall_clock_breakdown:
+            message += " | " + " ".join(f"{k}={v * 1000:.1f}ms" for k, v in self._timers.items())
+            self._timers = dict.fromkeys(self._timers, 0.0)
+        if self._config.memory_breakdown:
+            mem = self.memory_breakdown()
+            message += f" | model state {mem.total / 2**20:.1f} MiB"
+        log_dist(message, ranks=[0], level=logging.INFO)
+
+    # ------------------------------------------------------------------ queries
+    def was_step_applied(self) -> bool:
+        """Whether the last ``step()`` call updated the parameters (false off-boundary or on overflow)."""
+        return self._step_applied
+
+    def get_global_grad_norm(self) -> float | None:
+        """Global norm of the unscaled, reduced gradients at the last boundary, before clipping."""
+        return self._global_grad_norm
+
+    def get_lr(self) -> list[float]:
+        """Current learning rate of each parameter group."""
+        if self.optimizer is None:
+            return []
+        return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    def get_loss_scale(self) -> float:
+        """The current loss scale (1.0 without fp16)."""
+        return self.loss_scaler.scale
+
+    def memory_breakdown(self) -> MemoryBreakdown:
+        """Bytes this rank holds for parameters, gradients, master weights and optimizer state."""
+        state_bytes = 0
+        if self.optimizer is not None:
+            for state in self.optimizer.state.values():
+                for value in state.values():
+                    if isinstance(value, torch.Tensor):
+                        state_bytes += value.numel() * value.element_size()
+        return MemoryBreakdown(
+            parameters=sum(p.numel() * p.element_size() for p in self.module.parameters()),
+            gradients=self.reducer.nbytes,
+            master_weights=self.masters.nbytes,
+            optimizer_states=state_bytes,
+        )
+
+    def destroy(self) -> None:
+        """Remove gradient hooks so the module can be used without the engine."""
+        self.reducer.remove_hooks()
+
+
+def _global_norm(flats: list[torch.Tensor]) -> float:
+    if not flats:
+        return 0.0
+    # fp32 accumulation: a norm of scaled fp16 gradients easily exceeds fp16's range.
+    norms = torch._foreach_norm(flats, 2.0, dtype=torch.float32)
+    return float(torch.linalg.vector_norm(torch.stack(list(norms))))
+
+
+def _cast_floating(obj: Any, dtype: torch.dtype) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, tuple):
+        return tuple(_cast_floating(o, dtype) for o in obj)
+    if isinstance(obj, list):
+        return [_cast_floating(o, dtype) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _cast_floating(v, dtype) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,1 @@
+"""ZeRO: sharded parameters, gradients and optimizer state (stage 0 = plain data parallelism)."""
