@@ -2,17 +2,30 @@
 
 ``import deepshard as deepspeed`` runs a DeepSpeed training script: ``initialize``, the engine's
 ``backward``/``step``, ``add_config_arguments``, ``init_distributed`` and ``comm``.
+
+Names are imported lazily, so that ``deepshard`` tools that do not train (the launcher, the report)
+start without loading the training stack.
 """
 
-from deepshard import comm
-from deepshard.accelerator import get_accelerator
-from deepshard.comm import init_distributed
-from deepshard.config import ConfigError, DeepShardConfig
-from deepshard.runtime.engine import DeepShardEngine
-from deepshard.runtime.initialize import add_config_arguments, initialize
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from deepshard.version import __version__
 
-DeepSpeedEngine = DeepShardEngine  # the name DeepSpeed users type in isinstance checks
+_LAZY = {
+    "comm": ("deepshard.comm", None),
+    "get_accelerator": ("deepshard.accelerator", "get_accelerator"),
+    "init_distributed": ("deepshard.comm", "init_distributed"),
+    "ConfigError": ("deepshard.config", "ConfigError"),
+    "DeepShardConfig": ("deepshard.config", "DeepShardConfig"),
+    "DeepShardEngine": ("deepshard.runtime.engine", "DeepShardEngine"),
+    # the name DeepSpeed users type in isinstance checks
+    "DeepSpeedEngine": ("deepshard.runtime.engine", "DeepShardEngine"),
+    "add_config_arguments": ("deepshard.runtime.initialize", "add_config_arguments"),
+    "initialize": ("deepshard.runtime.initialize", "initialize"),
+}
 
 __all__ = [
     "ConfigError",
@@ -26,3 +39,29 @@ __all__ = [
     "init_distributed",
     "initialize",
 ]
+
+if TYPE_CHECKING:
+    from deepshard import comm as comm
+    from deepshard.accelerator import get_accelerator as get_accelerator
+    from deepshard.comm import init_distributed as init_distributed
+    from deepshard.config import ConfigError as ConfigError
+    from deepshard.config import DeepShardConfig as DeepShardConfig
+    from deepshard.runtime.engine import DeepShardEngine as DeepShardEngine
+    from deepshard.runtime.engine import DeepShardEngine as DeepSpeedEngine
+    from deepshard.runtime.initialize import add_config_arguments as add_config_arguments
+    from deepshard.runtime.initialize import initialize as initialize
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module_name, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'deepshard' has no attribute {name!r}") from None
+    module = importlib.import_module(module_name)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -197,12 +197,12 @@ def test_unsupported_nested_keys() -> None:
     )
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [3])
 def test_zero_stages_not_supported_yet(stage: int) -> None:
     msg = raises(
         NotSupportedYetError, cfg_with(zero_optimization={"stage": stage}), f"zero_optimization.stage={stage}"
     )
-    assert "supported: [0]" in msg
+    assert "supported: [0, 1, 2]" in msg
 
 
 @pytest.mark.parametrize(("section", "device"), [("offload_optimizer", "cpu"), ("offload_param", "nvme")])

@@ -28,23 +28,47 @@ class RankInfo:
     source: str  # "env", "mpi", "slurm" or "single"
 
 
-def expand_slurm_nodelist(nodelist: str) -> list[str]:
-    """Expand a SLURM node list such as ``"gpu[01-03,07],login1"`` into host names, in order."""
-    hosts: list[str] = []
-    # Split on commas that are not inside brackets.
-    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
-        match = re.fullmatch(r"([^\[]*)\[([^\]]+)\](.*)", part)
-        if not match:
-            hosts.append(part)
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas that are not inside brackets."""
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
+    for ch in text:
+        if ch == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
             continue
-        prefix, ranges, suffix = match.groups()
-        for item in ranges.split(","):
-            if "-" in item:
-                lo, hi = item.split("-", 1)
-                width = len(lo)
-                hosts.extend(f"{prefix}{i:0{width}d}{suffix}" for i in range(int(lo), int(hi) + 1))
-            else:
-                hosts.append(f"{prefix}{item}{suffix}")
+        depth += ch == "["
+        depth -= ch == "]"
+        current.append(ch)
+    parts.append("".join(current))
+    return [p for p in parts if p]
+
+
+def _expand_one(name: str) -> list[str]:
+    """Expand every bracket group of one host pattern (a cartesian product, left to right)."""
+    match = re.search(r"\[([^\]]+)\]", name)
+    if not match:
+        return [name]
+    prefix, suffix = name[: match.start()], name[match.end() :]
+    out: list[str] = []
+    for item in match.group(1).split(","):
+        if "-" in item:
+            lo, hi = item.split("-", 1)
+            width = len(lo)
+            values = [f"{i:0{width}d}" for i in range(int(lo), int(hi) + 1)]
+        else:
+            values = [item]
+        for value in values:
+            out.extend(_expand_one(prefix + value + suffix))
+    return out
+
+
+def expand_slurm_nodelist(nodelist: str) -> list[str]:
+    """Expand a SLURM node list such as ``"gpu[01-03,07],r[1-2]-n[1-2]"`` into host names, in order."""
+    hosts: list[str] = []
+    for part in _split_top_level(nodelist):
+        hosts.extend(_expand_one(part))
     return hosts
 
 

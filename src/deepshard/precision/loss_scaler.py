@@ -7,9 +7,9 @@ owns that factor. ``update(overflow)`` runs once per optimizer step with DeepSpe
   overflows have been seen (each overflow before that only spends one unit of hysteresis), never going
   below ``min_scale``; an overflow at ``min_scale`` is an error, as in DeepSpeed, because training can
   no longer make progress;
-* after ``scale_window`` steps without overflow (counted from the last overflow) the scale is
-  multiplied by ``scale_factor`` and the hysteresis budget refills; with ``consecutive_hysteresis`` it
-  refills after every good step instead.
+* once ``scale_window`` good updates have passed since the last overflow (DeepSpeed's current
+  "stable interval" rule), the scale is multiplied by ``scale_factor`` and the hysteresis budget
+  refills; with ``consecutive_hysteresis`` it refills after every good step instead.
 
 A static scaler keeps its factor; the no-op scaler (fp32, bf16) has scale 1.
 """
@@ -90,7 +90,8 @@ class LossScaler:
         else:
             if self.consecutive_hysteresis:
                 self.cur_hysteresis = self.hysteresis
-            if (self.cur_iter - self.last_overflow_iter) % self.scale_window == 0:
+            stable = self.cur_iter - self.last_overflow_iter - 1  # good updates since the last overflow
+            if stable > 0 and stable % self.scale_window == 0:
                 if not self.consecutive_hysteresis:
                     self.cur_hysteresis = self.hysteresis
                 self.scale *= self.scale_factor

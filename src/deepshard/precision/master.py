@@ -1,32 +1,61 @@
-"""fp32 master weights: the copies the optimizer updates when the module runs in bf16/fp16.
+"""Master weights: the tensors the optimizer actually steps, possibly this rank's shards only.
 
-With fp32 parameters the "masters" are the parameters themselves and every call here is a no-op, so
-the engine has one code path. With low-precision parameters, each trainable parameter gets an fp32
-copy; the optimizer's ``param_groups`` are pointed at the copies (its hyper-parameters are kept), and
-after each step the copies are cast back into the module in one multi-tensor copy.
-Memory: 4 bytes per parameter for the copy, plus the optimizer's state on it.
+* fp32 parameters, unsharded (stage 0): the masters *are* the parameters; every call is a no-op.
+* bf16/fp16 parameters, unsharded: one fp32 copy per parameter; after the step the copies are cast
+  back into the module in one multi-tensor copy.
+* sharded (stages 1-3): each rank keeps fp32 masters of its dim-0 rows only (see
+  :mod:`deepshard.zero.layout`). With fp32 parameters the master is a view of the parameter's own
+  rows (no extra memory); the updated rows of every rank are then all-gathered by the ZeRO layer.
+
+The optimizer's ``param_groups`` are pointed at the masters (hyper-parameters are kept).
+Memory: 4 bytes per master element, plus the optimizer state on it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 
-class MasterWeights:
-    """Pairs each trainable module parameter with the tensor the optimizer steps."""
+def _rows(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as ``(rows, *rest)`` with a 0-d tensor seen as one row."""
+    return tensor.view(1) if tensor.dim() == 0 else tensor
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], enabled: bool) -> None:
-        self.enabled = enabled
+
+class MasterWeights:
+    """Pairs each trainable parameter with the tensor the optimizer steps for it on this rank.
+
+    ``row_range(p)`` gives the ``[start, end)`` dim-0 rows this rank owns, or ``None`` to own the
+    whole parameter.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[torch.nn.Parameter],
+        needs_fp32_copy: bool,
+        row_range: Callable[[torch.Tensor], tuple[int, int]] | None = None,
+    ) -> None:
         self.params: list[torch.Tensor] = list(params)
-        if enabled:
-            self.masters: list[torch.Tensor] = [
-                torch.nn.Parameter(p.detach().to(torch.float32), requires_grad=p.requires_grad) for p in self.params
-            ]
-        else:
-            self.masters = list(self.params)
+        self.needs_fp32_copy = needs_fp32_copy
+        self.sharded = row_range is not None
+        self.ranges: list[tuple[int, int] | None] = [row_range(p) if row_range else None for p in self.params]
+        self.masters: list[torch.Tensor] = []
+        for p, rows in zip(self.params, self.ranges):
+            local = p.detach() if rows is None else _rows(p.detach())[rows[0] : rows[1]]
+            if needs_fp32_copy:
+                self.masters.append(torch.nn.Parameter(local.to(torch.float32).clone(), requires_grad=p.requires_grad))
+            elif rows is None:
+                self.masters.append(p)
+            else:
+                # fp32 shard: a view of the parameter's own rows, stepped in place
+                self.masters.append(torch.nn.Parameter(local, requires_grad=p.requires_grad))
         self._by_param = {id(p): m for p, m in zip(self.params, self.masters)}
+
+    @property
+    def identity(self) -> bool:
+        """Whether the masters are the module's parameters themselves."""
+        return not (self.needs_fp32_copy or self.sharded)
 
     def master_of(self, param: torch.Tensor) -> torch.Tensor:
         """The tensor the optimizer updates for ``param``."""
@@ -34,56 +63,59 @@ class MasterWeights:
 
     def adopt(self, optimizer: torch.optim.Optimizer) -> None:
         """Point ``optimizer`` at the masters instead of the module parameters."""
-        if not self.enabled:
+        if self.identity:
             return
         if optimizer.state:
             raise ValueError(
-                "the optimizer already holds state; with bf16/fp16 deepshard steps fp32 master copies, so pass "
-                "an optimizer that has not stepped yet."
+                "the optimizer already holds state; deepshard steps fp32 master copies (bf16/fp16) or shards "
+                "(ZeRO stages 1-3), so pass an optimizer that has not stepped yet."
             )
         for group in optimizer.param_groups:
             try:
                 group["params"] = [self._by_param[id(p)] for p in group["params"]]
             except KeyError:
                 raise ValueError(
-                    "the optimizer holds a tensor that is not a parameter of the model; build it from "
+                    "the optimizer holds a tensor that is not a trainable parameter of the model; build it from "
                     "model.parameters() (or pass model_parameters=) so deepshard can map it to its master copy."
                 ) from None
 
-    def attach_grads(self, grad_views: Mapping[int, torch.Tensor]) -> None:
-        """Give each master its gradient: the fp32 bucket view itself, or an fp32 copy of it."""
-        if not self.enabled:
+    def attach_grads(self, grads: Mapping[int, torch.Tensor]) -> None:
+        """Give each master its gradient from ``grads[id(param)]``: whole or shard, viewed or cast to fp32.
+
+        A whole gradient is sliced to this rank's rows; one already shaped like the master is its shard.
+        """
+        if self.identity:
             return
-        for p, m in zip(self.params, self.masters):
-            view = grad_views.get(id(p))
-            if view is None:
+        for p, m, rows in zip(self.params, self.masters, self.ranges):
+            grad = grads.get(id(p))
+            if grad is None:
                 m.grad = None
-            elif view.dtype == torch.float32:
-                m.grad = view
-            else:
-                m.grad = view.to(torch.float32)
+                continue
+            if rows is not None and grad.shape != m.shape:
+                grad = _rows(grad)[rows[0] : rows[1]]
+            m.grad = grad if grad.dtype == torch.float32 else grad.to(torch.float32)
 
     def release_grads(self) -> None:
-        """Drop fp32 gradient copies made by :meth:`attach_grads` (fp32 views stay bound)."""
-        if not self.enabled:
-            return
-        for m in self.masters:
-            if m.grad is not None and m.grad._base is None:
+        """Drop master gradients (views stay valid in their buffers; fp32 cast copies are freed)."""
+        if not self.identity:
+            for m in self.masters:
                 m.grad = None
 
     @torch.no_grad()
     def copy_to_model(self) -> None:
-        """Cast the updated masters into the module's parameters."""
-        if self.enabled and self.params:
+        """Cast updated unsharded masters into the module (sharded masters are all-gathered instead)."""
+        if self.needs_fp32_copy and not self.sharded and self.params:
             torch._foreach_copy_(self.params, self.masters)
 
     @torch.no_grad()
     def copy_from_model(self) -> None:
-        """Refresh the masters from the module (after the module's weights were loaded or broadcast)."""
-        if self.enabled and self.params:
-            torch._foreach_copy_(self.masters, self.params)
+        """Refresh masters from the module (after its weights were loaded or broadcast)."""
+        if not self.needs_fp32_copy:
+            return
+        for p, m, rows in zip(self.params, self.masters, self.ranges):
+            m.copy_(p if rows is None else _rows(p)[rows[0] : rows[1]])
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by master copies (0 when the masters are the parameters)."""
-        return sum(m.numel() * m.element_size() for m in self.masters) if self.enabled else 0
+        """Bytes held by master copies (0 when masters are the parameters or views of them)."""
+        return sum(m.numel() * m.element_size() for m in self.masters) if self.needs_fp32_copy else 0

@@ -6,9 +6,10 @@
 | bf16 | bf16          | fp32              | fp32 copies    | bf16                  |
 | fp16 | fp16          | fp16              | fp32 copies    | fp16                  |
 
-These follow DeepSpeed: bf16 accumulates gradients in fp32 (``data_types.grad_accum_dtype`` may
-change it), fp16 accumulates in fp16 under the loss scale, and the wire dtype defaults to the
-parameter dtype unless ``communication_data_type`` says otherwise.
+These follow DeepSpeed: at stage 0 bf16 accumulates gradients in fp32 (its BF16 optimizer); with
+ZeRO stages 1-3 gradients stay in the parameter dtype (so model state matches the ZeRO formulas);
+``data_types.grad_accum_dtype`` overrides both. fp16 accumulates in fp16 under the loss scale, and
+the wire dtype defaults to the parameter dtype unless ``communication_data_type`` says otherwise.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ class PrecisionPolicy:
         if cfg.fp16.enabled:
             param, grad, check = torch.float16, torch.float16, True
         elif cfg.bf16.enabled:
-            param, grad = torch.bfloat16, torch.float32
+            param = torch.bfloat16
+            grad = torch.float32 if cfg.zero_optimization.stage == 0 else torch.bfloat16
             check = bool(getattr(cfg.bf16, "check_grad_overflow", False))
         else:
             param, grad, check = torch.float32, torch.float32, False

@@ -3,10 +3,11 @@
 The engine owns no mechanism of its own. It composes, in this order:
 
 1. the :class:`~deepshard.precision.PrecisionPolicy` (module dtype, gradient dtype, wire dtype),
-2. the :class:`~deepshard.zero.grad_reduce.GradReducer` (gradient buffers and bucketed reduction),
-3. the :class:`~deepshard.precision.MasterWeights` (what the optimizer steps),
-4. the :class:`~deepshard.precision.LossScaler` (one for every stage),
-5. the optimizer and learning-rate schedule built from the config or given by the user.
+2. the ZeRO stage as data (:mod:`deepshard.zero.partition`): the gradient reducer (bucketed
+   all-reduce or reduce-scatter), the master weights (whole or this rank's shards) and, when the
+   optimizer state is sharded, the all-gather that makes updated parameters whole again,
+3. the :class:`~deepshard.precision.LossScaler` (one for every stage),
+4. the optimizer and learning-rate schedule built from the config or given by the user.
 
 ``step()`` at an accumulation boundary: gradients are already reduced (``backward`` waited for its
 collectives) → global norm of the scaled gradients → overflow check → one multiply that both unscales
@@ -31,12 +32,14 @@ from deepshard import comm
 from deepshard.accelerator import get_accelerator
 from deepshard.comm.bucketing import broadcast_coalesced
 from deepshard.config import DeepShardConfig
-from deepshard.precision import LossScaler, MasterWeights, PrecisionPolicy, loss_scaler_from_config
+from deepshard.precision import LossScaler, PrecisionPolicy, loss_scaler_from_config
 from deepshard.runtime.dataloader import DeepShardDataLoader
 from deepshard.runtime.lr_schedules import build_lr_scheduler
 from deepshard.runtime.optimizers import build_optimizer
 from deepshard.utils.logging import log_dist
-from deepshard.zero.grad_reduce import GradReducer, ReduceSpec
+from deepshard.zero.grad_reduce import ReduceSpec
+from deepshard.zero.partition import build_partition
+from deepshard.zero.stage import ZeroStage
 
 OptimizerLike = torch.optim.Optimizer | Callable[..., torch.optim.Optimizer]
 
@@ -98,26 +101,23 @@ class DeepShardEngine(torch.nn.Module):
         self.module = model
         self._broadcast_model()
         params = list(model.parameters())
-        trainable = [p for p in params if p.requires_grad]
 
-        # 2. gradient buffers and their reduction
+        # 2–3. the ZeRO stage: gradient buffers and their reduction, master weights, parameter gathering
         spec = ReduceSpec(
             world_size=self.dp_world_size,
             reduce_dtype=self.precision.reduce_dtype,
             prescale=config.prescale_gradients,
             predivide_factor=config.gradient_predivide_factor,
         )
-        self.reducer = GradReducer(
-            trainable,
-            grad_dtype=self.precision.grad_dtype,
-            bucket_elements=int(config.zero_optimization.reduce_bucket_size),
-            spec=spec,
-            group=self.dp_group,
+        self.zero_stage = ZeroStage.from_int(config.zero_optimization.stage)
+        self.partition = build_partition(
+            self.zero_stage, params, self.precision, config.zero_optimization, spec,
+            rank=comm.get_rank(self.dp_group), group=self.dp_group,
         )
+        self.reducer = self.partition.reducer
+        self.masters = self.partition.masters
 
-        # 3–5. masters, loss scaler, optimizer and schedule
-        self.masters = MasterWeights(trainable, enabled=self.precision.needs_master)
-        self.masters.attach_grads(self.reducer.grad_views())
+        # 3–4. loss scaler, optimizer and schedule
         self.loss_scaler: LossScaler = loss_scaler_from_config(config)
         self.optimizer = self._configure_optimizer(optimizer, model_parameters, params)
         self.lr_scheduler = self._configure_lr_scheduler(lr_scheduler)
@@ -315,7 +315,8 @@ class DeepShardEngine(torch.nn.Module):
         start = time.perf_counter()
         if scale_wrt_gas and self.gradient_accumulation_steps() > 1:
             loss = loss / self.gradient_accumulation_steps()
-        reduce = self.is_gradient_accumulation_boundary() and not self._inside_no_sync
+        boundary = self.is_gradient_accumulation_boundary() or self.reducer.reduces_every_micro_step
+        reduce = boundary and not self._inside_no_sync
         self.reducer.begin_backward(reduce)
         scaled = loss * self.loss_scaler.scale if self.loss_scaler.enabled else loss
         scaled.backward(retain_graph=retain_graph)
@@ -339,9 +340,8 @@ class DeepShardEngine(torch.nn.Module):
 
     def _take_model_step(self, lr_kwargs: dict[str, Any] | None) -> None:
         assert self.optimizer is not None
-        flats = self.reducer.flat_buffers()
         scale = self.loss_scaler.scale
-        scaled_norm = _global_norm(flats)
+        scaled_norm = self.partition.global_norm()
         self._global_grad_norm = scaled_norm / scale
         overflow = self.precision.check_overflow and not math.isfinite(scaled_norm)
         if overflow:
@@ -354,12 +354,11 @@ class DeepShardEngine(torch.nn.Module):
                 ratio = (scaled_norm / scale + 1e-6) / clip
                 if ratio > 1:
                     combined = ratio * scale
-            if combined != 1.0:
-                torch._foreach_mul_(flats, 1.0 / combined)
-            self.masters.attach_grads(self.reducer.grad_views())
+            self.partition.unscale_and_clip(1.0 / combined)
+            self.masters.attach_grads(self.partition.reduced_grads())
             self.optimizer.step()
             self.masters.release_grads()
-            self.masters.copy_to_model()
+            self.partition.publish()
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step(**(lr_kwargs or {}))
         self.loss_scaler.update(overflow)
@@ -424,14 +423,6 @@ class DeepShardEngine(torch.nn.Module):
     def destroy(self) -> None:
         """Remove gradient hooks so the module can be used without the engine."""
         self.reducer.remove_hooks()
-
-
-def _global_norm(flats: list[torch.Tensor]) -> float:
-    if not flats:
-        return 0.0
-    # fp32 accumulation: a norm of scaled fp16 gradients easily exceeds fp16's range.
-    norms = torch._foreach_norm(flats, 2.0, dtype=torch.float32)
-    return float(torch.linalg.vector_norm(torch.stack(list(norms))))
 
 
 def _cast_floating(obj: Any, dtype: torch.dtype) -> Any:

@@ -38,6 +38,8 @@ class GPTConfig:
 PRESETS: dict[str, GPTConfig] = {
     # ~0.12M parameters: unit and parity tests
     "tiny": GPTConfig(vocab_size=256, seq_len=64, d_model=64, n_layers=2, n_heads=4, qkv_bias=False),
+    # ~0.1M with sizes that do not divide by 2, 3 or 4 (ZeRO shard padding): parity tests
+    "odd": GPTConfig(vocab_size=251, seq_len=33, d_model=60, n_layers=2, n_heads=3, qkv_bias=False),
     # ~3.2M: the README example on 2 CPU cores
     "small-bytes": GPTConfig(vocab_size=256, seq_len=128, d_model=256, n_layers=4, n_heads=8),
     # ~23M: benchmark "small" (6 layers, d_model 512, vocab 8192, seq 128)

@@ -1,0 +1,99 @@
+"""Compose the ZeRO mechanism for one stage: gradient reducer, master weights, parameter gatherer.
+
+The engine asks this module for three things and never branches on the stage itself:
+``reduced_grads()`` (what the optimizer's masters get as gradients), ``global_norm()`` (exact across
+shards), and ``publish()`` (make the updated parameters whole on every rank).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from deepshard.precision import MasterWeights, PrecisionPolicy
+from deepshard.zero.grad_reduce import (
+    AllReduceGradReducer,
+    ReduceScatterGradReducer,
+    ReduceSpec,
+    unique_trainable,
+)
+from deepshard.zero.layout import ShardSpec
+from deepshard.zero.param_gather import ParamGatherer
+from deepshard.zero.stage import ZeroStage
+
+Reducer = AllReduceGradReducer | ReduceScatterGradReducer
+
+
+@dataclass
+class ZeroPartition:
+    """The pieces one stage uses on this rank."""
+
+    stage: ZeroStage
+    rank: int
+    world: int
+    group: Any
+    reducer: Reducer
+    masters: MasterWeights
+    gatherer: ParamGatherer | None
+
+    def reduced_grads(self) -> dict[int, torch.Tensor]:
+        """``id(param) -> reduced gradient``: whole (stages 0-1) or this rank's shard (stage 2)."""
+        if isinstance(self.reducer, ReduceScatterGradReducer):
+            return self.reducer.shard_grads()
+        return self.reducer.full_grads()
+
+    def global_norm(self) -> float:
+        """L2 norm of all reduced gradients (fp32 accumulation); one tiny all-reduce when they are sharded."""
+        flats = self.reducer.flat_grads()
+        if flats:
+            norms = torch._foreach_norm(flats, 2.0, dtype=torch.float32)
+            sumsq = torch.stack(list(norms)).square().sum()
+        else:
+            sumsq = torch.zeros((), dtype=torch.float32)
+        if self.stage.shard_gradients and self.world > 1:
+            dist.all_reduce(sumsq, group=self.group)
+        return float(sumsq.sqrt())
+
+    def unscale_and_clip(self, factor: float) -> None:
+        """Multiply every reduced gradient by ``factor`` (one multi-tensor op)."""
+        if factor != 1.0:
+            torch._foreach_mul_(self.reducer.flat_grads(), factor)
+
+    def publish(self) -> None:
+        """After the optimizer step: make the updated parameters whole in the module on every rank."""
+        if self.gatherer is not None:
+            self.gatherer.gather(self.masters)
+        else:
+            self.masters.copy_to_model()
+
+
+def build_partition(
+    stage: ZeroStage,
+    params: Sequence[torch.nn.Parameter],
+    policy: PrecisionPolicy,
+    zero_cfg: Any,
+    spec: ReduceSpec,
+    rank: int,
+    group: Any = None,
+) -> ZeroPartition:
+    """Build the reducer, masters and gatherer for ``stage`` over ``params`` on this rank."""
+    world = spec.world_size
+    trainable = unique_trainable(params)
+    bucket = int(zero_cfg.reduce_bucket_size)
+    reducer: Reducer
+    if stage.shard_gradients:
+        reducer = ReduceScatterGradReducer(trainable, policy.grad_dtype, bucket, spec, rank=rank, group=group)
+    else:
+        reducer = AllReduceGradReducer(trainable, policy.grad_dtype, bucket, spec, group=group)
+    row_range = (lambda p: ShardSpec(p.shape, world).row_range(rank)) if stage.shard_optimizer else None
+    masters = MasterWeights(trainable, needs_fp32_copy=policy.needs_master, row_range=row_range)
+    gatherer = (
+        ParamGatherer(trainable, rank, world, int(zero_cfg.allgather_bucket_size), group)
+        if stage.shard_optimizer
+        else None
+    )
+    return ZeroPartition(stage, rank, world, group, reducer, masters, gatherer)

@@ -1,0 +1,86 @@
+"""Training runs shared by the distributed parity tests: the engine on each rank, and the reference.
+
+Not a test module: functions here are pickled by reference and run on the harness's ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import deepshard
+from deepshard.testing.models import GPT, PRESETS
+from deepshard.testing.parity import make_token_batches, rank_slice, reference_train
+
+STEPS = 20
+MICRO = 2
+LR = 1e-3
+
+
+def _config(gas: int, world: int, **extra: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": MICRO,
+        "gradient_accumulation_steps": gas,
+        "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.01}},
+        "gradient_clipping": 0.0,
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def build_model(unused_and_frozen: bool = False, preset: str = "tiny") -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = GPT(PRESETS[preset])
+    if unused_and_frozen:
+        model.blocks[0].ln1.weight.requires_grad_(False)  # frozen
+        model.unused = torch.nn.Linear(4, 4)  # never used in forward: gets no gradient
+    return model
+
+
+def _global_batches(world: int, gas: int, preset: str = "tiny") -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    cfg = PRESETS[preset]
+    flat = make_token_batches(cfg.vocab_size, cfg.seq_len, MICRO * world, STEPS * gas, seed=1)
+    return [flat[s * gas : (s + 1) * gas] for s in range(STEPS)]
+
+
+def run_engine(
+    world: int, gas: int, extra: dict[str, Any], unused: bool = False, use_no_sync: bool = False, preset: str = "tiny"
+) -> dict:
+    """Train with the engine on this rank; return losses, norms and final state (on every rank)."""
+    rank = deepshard.comm.get_rank()
+    model = build_model(unused, preset)
+    engine, _, _, _ = deepshard.initialize(model=model, model_parameters=model.parameters(), config=_config(gas, world, **extra))
+    losses, norms, whole_grad_bytes = [], [], []
+    for micro_batches in _global_batches(world, gas, preset):
+        total = torch.zeros(())
+        for i, batch in enumerate(micro_batches):
+            x, y = rank_slice(batch, rank, world)
+            loss = engine(x, y)
+            if use_no_sync and i < len(micro_batches) - 1:
+                with engine.no_sync():
+                    engine.backward(loss)
+            else:
+                engine.backward(loss)
+            # whole-size gradients alive after backward (stage 2 frees them once reduced)
+            whole_grad_bytes.append(
+                sum(p.grad.numel() * p.grad.element_size() for p in engine.module.parameters() if p.grad is not None)
+            )
+            engine.step()
+            total += loss.detach().float()
+        deepshard.comm.all_reduce(total)
+        losses.append(float(total) / (world * len(micro_batches)))
+        norms.append(engine.get_global_grad_norm())
+    state = {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+    return {"losses": losses, "norms": norms, "state": state, "steps": engine.global_steps, "mem": engine.memory_breakdown(),
+        "whole_grad_bytes": max(whole_grad_bytes), "live_grad_bytes": engine.reducer.nbytes}
+
+
+def reference(world: int, gas: int, clip: float = 0.0, unused: bool = False, preset: str = "tiny"):
+    """The single-process PyTorch run the engine must match."""
+    model = build_model(unused, preset)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.01, foreach=False)
+    return reference_train(model, opt, _global_batches(world, gas, preset), clip=clip)
+
+
