@@ -37,6 +37,7 @@ from deepshard.runtime.dataloader import DeepShardDataLoader
 from deepshard.runtime.lr_schedules import build_lr_scheduler
 from deepshard.runtime.optimizers import build_optimizer
 from deepshard.utils.logging import log_dist
+from deepshard.zero import fragments
 from deepshard.zero.grad_reduce import ReduceSpec
 from deepshard.zero.partition import build_partition
 from deepshard.zero.stage import ZeroStage
@@ -121,6 +122,8 @@ class DeepShardEngine(torch.nn.Module):
         self.loss_scaler: LossScaler = loss_scaler_from_config(config)
         self.optimizer = self._configure_optimizer(optimizer, model_parameters, params)
         self.lr_scheduler = self._configure_lr_scheduler(lr_scheduler)
+        self.partition.optimizer = self.optimizer
+        fragments.register(list(self.masters.params), self.partition)
 
         self.training_dataloader = (
             self.deepspeed_io(training_data, collate_fn=collate_fn) if training_data is not None else None
@@ -194,7 +197,8 @@ class DeepShardEngine(torch.nn.Module):
                 "'scheduler' section; remove one of them."
             )
         if client is not None:
-            if hasattr(client, "step"):
+            # A class or factory is called with the optimizer (DeepSpeed's rule); an instance is used as is.
+            if not callable(client):
                 return client
             if self.optimizer is None:
                 raise ValueError("lr_scheduler is a callable but there is no optimizer to give it")
@@ -273,7 +277,10 @@ class DeepShardEngine(torch.nn.Module):
         return (self.micro_steps + 1) % self.gradient_accumulation_steps() == 0
 
     def set_gradient_accumulation_boundary(self, is_boundary: bool) -> None:
-        """Force the next backward/step to be (or not be) a boundary, ignoring the micro-step count."""
+        """Override the boundary state, ignoring the micro-step count, until it is set again (DeepSpeed's rule).
+
+        Set it before each forward/backward, ``True`` on the last one of an accumulation window.
+        """
         self._boundary_override = bool(is_boundary)
 
     @contextlib.contextmanager
@@ -335,7 +342,6 @@ class DeepShardEngine(torch.nn.Module):
                 raise ValueError("step() needs an optimizer: pass optimizer= to initialize() or add an 'optimizer' section")
             self._take_model_step(lr_kwargs)
         self.micro_steps += 1
-        self._boundary_override = None
         self._timers["step"] += time.perf_counter() - start
 
     def _take_model_step(self, lr_kwargs: dict[str, Any] | None) -> None:
@@ -423,6 +429,59 @@ class DeepShardEngine(torch.nn.Module):
     def destroy(self) -> None:
         """Remove gradient hooks so the module can be used without the engine."""
         self.reducer.remove_hooks()
+
+    # ------------------------------------------------------------------ checkpoints (logic in deepshard.checkpoint)
+    def _checkpoint_io(self) -> Any:
+        from deepshard.checkpoint import Checkpointer
+
+        io = getattr(self, "_checkpointer", None)
+        if io is None:
+            io = Checkpointer(self)
+            self._checkpointer = io
+        return io
+
+    def save_checkpoint(
+        self,
+        save_dir: str,
+        tag: str | None = None,
+        client_state: dict[str, Any] | None = None,
+        save_latest: bool = True,
+        exclude_frozen_parameters: bool = False,
+        async_save: bool | None = None,
+    ) -> str:
+        """Collective: save to ``save_dir/<tag>`` (default ``global_step<N>``) and return that path.
+
+        See :class:`deepshard.checkpoint.Checkpointer`; ``async_save`` writes in the background.
+        """
+        return self._checkpoint_io().save(
+            save_dir, tag, client_state, save_latest, exclude_frozen_parameters, async_save
+        )
+
+    def load_checkpoint(
+        self,
+        load_dir: str,
+        tag: str | None = None,
+        load_module_strict: bool = True,
+        load_optimizer_states: bool = True,
+        load_lr_scheduler_states: bool = True,
+        load_module_only: bool = False,
+    ) -> tuple[str | None, dict[str, Any] | None]:
+        """Collective: restore from ``load_dir`` (its ``latest`` unless ``tag``); ``(path, client_state)``."""
+        return self._checkpoint_io().load(
+            load_dir, tag, load_module_strict, load_optimizer_states, load_lr_scheduler_states, load_module_only
+        )
+
+    def wait_for_checkpoint(self) -> None:
+        """Block until an asynchronous ``save_checkpoint`` is on disk; raise its error if it failed."""
+        self._checkpoint_io().wait()
+
+    def save_16bit_model(
+        self, save_dir: str, save_filename: str = "pytorch_model.bin", exclude_frozen_parameters: bool = False
+    ) -> bool:
+        """Collective: rank 0 writes the module's weights (``.safetensors`` or a ``torch.save`` file)."""
+        from deepshard.checkpoint import save_16bit_model
+
+        return save_16bit_model(self, save_dir, save_filename, exclude_frozen_parameters)
 
 
 def _cast_floating(obj: Any, dtype: torch.dtype) -> Any:

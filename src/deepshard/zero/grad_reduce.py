@@ -18,7 +18,9 @@ Two reducers share that machinery and differ in what they keep:
   their reduction. As in DeepSpeed it reduces after every micro-step; inside ``no_sync`` buffers keep
   accumulating and are reduced once by the next synchronised backward.
 
-Trade-off: smaller buckets overlap more of backward but issue more collectives.
+Trade-off: smaller buckets overlap more of backward but issue more collectives. With
+``overlap_comm=False`` each bucket's collective is waited for as soon as it is launched (DeepSpeed's
+meaning: no communication runs concurrently with backward).
 """
 
 from __future__ import annotations
@@ -85,9 +87,10 @@ class _BucketedReducer:
 
     def __init__(
         self, params: Sequence[torch.nn.Parameter], grad_dtype: torch.dtype, bucket_elements: int, spec: ReduceSpec,
-        group: Any,
+        group: Any, overlap: bool,
     ) -> None:
         ordered = list(reversed(unique_trainable(params)))
+        self.overlap = overlap
         self.grad_dtype = grad_dtype
         self.spec = spec
         self.group = group
@@ -126,6 +129,8 @@ class _BucketedReducer:
             self.buckets[b].pending -= 1
             while self._next_launch < len(self.buckets) and self.buckets[self._next_launch].pending <= 0:
                 self._start(self._next_launch)
+                if not self.overlap:
+                    self._land(self._next_launch)
                 self._next_launch += 1
 
     def finish(self) -> None:
@@ -160,9 +165,9 @@ class AllReduceGradReducer(_BucketedReducer):
 
     def __init__(
         self, params: Sequence[torch.nn.Parameter], grad_dtype: torch.dtype, bucket_elements: int, spec: ReduceSpec,
-        group: Any = None,
+        group: Any = None, overlap: bool = True,
     ) -> None:
-        super().__init__(params, grad_dtype, bucket_elements, spec, group)
+        super().__init__(params, grad_dtype, bucket_elements, spec, group, overlap)
         self.buffers = [FlatBuffer([p.shape for p in b.params], grad_dtype, b.params[0].device) for b in self.buckets]
         self.in_place = all(p.dtype == grad_dtype for b in self.buckets for p in b.params)
         self._bind_views()
@@ -234,9 +239,9 @@ class ReduceScatterGradReducer(_BucketedReducer):
 
     def __init__(
         self, params: Sequence[torch.nn.Parameter], grad_dtype: torch.dtype, bucket_elements: int, spec: ReduceSpec,
-        rank: int, group: Any = None,
+        rank: int, group: Any = None, overlap: bool = True,
     ) -> None:
-        super().__init__(params, grad_dtype, bucket_elements, spec, group)
+        super().__init__(params, grad_dtype, bucket_elements, spec, group, overlap)
         self.rank = rank
         self.layouts = [BucketLayout([p.shape for p in b.params], spec.world_size) for b in self.buckets]
         device = self.buckets[0].params[0].device if self.buckets else torch.device("cpu")

@@ -39,6 +39,7 @@ class ZeroPartition:
     reducer: Reducer
     masters: MasterWeights
     gatherer: ParamGatherer | None
+    optimizer: torch.optim.Optimizer | None = None  # set by the engine once built (fragment API)
 
     def reduced_grads(self) -> dict[int, torch.Tensor]:
         """``id(param) -> reduced gradient``: whole (stages 0-1) or this rank's shard (stage 2)."""
@@ -84,11 +85,15 @@ def build_partition(
     world = spec.world_size
     trainable = unique_trainable(params)
     bucket = int(zero_cfg.reduce_bucket_size)
+    # Stage 0 always overlaps (DeepSpeed has no switch there); stages 1-2 follow overlap_comm.
+    overlap = bool(zero_cfg.effective_overlap_comm) or stage.stage == 0
     reducer: Reducer
     if stage.shard_gradients:
-        reducer = ReduceScatterGradReducer(trainable, policy.grad_dtype, bucket, spec, rank=rank, group=group)
+        reducer = ReduceScatterGradReducer(
+            trainable, policy.grad_dtype, bucket, spec, rank=rank, group=group, overlap=overlap
+        )
     else:
-        reducer = AllReduceGradReducer(trainable, policy.grad_dtype, bucket, spec, group=group)
+        reducer = AllReduceGradReducer(trainable, policy.grad_dtype, bucket, spec, group=group, overlap=overlap)
     row_range = (lambda p: ShardSpec(p.shape, world).row_range(rank)) if stage.shard_optimizer else None
     masters = MasterWeights(trainable, needs_fp32_copy=policy.needs_master, row_range=row_range)
     gatherer = (
