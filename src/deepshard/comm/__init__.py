@@ -156,10 +156,15 @@ def all_gather(tensor_list: list[torch.Tensor], tensor: torch.Tensor, group: Any
     return None
 
 
+# torch 2.13 renamed the flat collectives (the old names warn); older torch has only the old names.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def all_gather_into_tensor(output: torch.Tensor, tensor: torch.Tensor, group: Any = None, async_op: bool = False) -> Any:
     """Gather equal-size shards into one flat ``output`` ordered by rank."""
     if is_initialized():
-        return dist.all_gather_into_tensor(output, tensor, group=group, async_op=async_op)
+        return _all_gather_flat(output, tensor, group=group, async_op=async_op)
     output.copy_(tensor.reshape(output.shape))
     return None
 
@@ -169,7 +174,7 @@ def reduce_scatter_tensor(
 ) -> Any:
     """Reduce ``tensor`` across ranks and keep this rank's equal-size chunk in ``output``."""
     if is_initialized():
-        return dist.reduce_scatter_tensor(output, tensor, op=op, group=group, async_op=async_op)
+        return _reduce_scatter_flat(output, tensor, op=op, group=group, async_op=async_op)
     output.copy_(tensor.reshape(output.shape))
     return None
 

@@ -78,7 +78,7 @@ class Unsupported:
 def equals(default: Any) -> Unsupported:
     """Inert when the value equals DeepSpeed's ``default`` (``what`` is filled in by :func:`unsupported`)."""
     return Unsupported(
-        "", f"`{_json(default)}` (the DeepSpeed default)", lambda v: v == default and type(v) is type(default)
+        "", f"`{json_literal(default)}` (the DeepSpeed default)", lambda v: v == default and type(v) is type(default)
     )
 
 
@@ -98,7 +98,7 @@ def switched_off() -> Unsupported:
 
 def all_defaults(defaults: Mapping[str, Any]) -> Unsupported:
     """Inert when every key of the section is one of ``defaults`` and equal to it."""
-    shown = ", ".join(f'"{k}": {_json(v)}' for k, v in defaults.items())
+    shown = ", ".join(f'"{k}": {json_literal(v)}' for k, v in defaults.items())
 
     def inert(v: Any) -> bool:
         return isinstance(v, dict) and all(k in defaults and defaults[k] == val for k, val in v.items())
@@ -121,7 +121,8 @@ def unsupported(what: str, rule: Unsupported) -> Unsupported:
     return Unsupported(what, rule.accepted, rule.inert)
 
 
-def _json(value: Any) -> str:
+def json_literal(value: Any) -> str:
+    """``value`` spelled as in JSON (``null``, ``true``, quoted strings)."""
     if value is None:
         return "null"
     if isinstance(value, bool):

@@ -18,7 +18,7 @@ from pydantic_core import PydanticUndefined
 
 from deepshard.config._batch import GAS, MICRO, TRAIN
 from deepshard.config._schema import DeepShardConfig
-from deepshard.config._types import StrictModel
+from deepshard.config._types import StrictModel, json_literal
 from deepshard.config._walk import submodel
 from deepshard.config.support import SUPPORTED_OFFLOAD_DEVICES, SUPPORTED_ZERO_STAGES
 
@@ -99,7 +99,7 @@ def _type_name(annotation: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(arg) for arg in typing.get_args(annotation))
     if origin is typing.Literal:
-        return " / ".join(f"`{_value(v)}`" for v in typing.get_args(annotation))
+        return " / ".join(f"`{json_literal(v)}`" for v in typing.get_args(annotation))
     if origin is dict:
         return "object"
     if isinstance(annotation, type) and issubclass(annotation, StrictModel):
@@ -110,16 +110,6 @@ def _type_name(annotation: Any) -> str:
     raise TypeError(f"docs.py does not know how to render the type {annotation!r}; add it to _type_name")
 
 
-def _value(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return f'"{value}"'
-    return repr(value)
-
-
 def _default(name: str, info: FieldInfo) -> str:
     if name in (TRAIN, MICRO, GAS):
         return "derived"
@@ -127,7 +117,7 @@ def _default(name: str, info: FieldInfo) -> str:
         return "`{}`"
     if info.default is PydanticUndefined:
         return "required"
-    return f"`{_value(info.default)}`"
+    return f"`{json_literal(info.default)}`"
 
 
 def _sections(model: type[StrictModel], prefix: str) -> Iterator[tuple[str, type[StrictModel]]]:

@@ -14,6 +14,7 @@ import sys
 # subcommand -> "module:function"; the function takes the remaining argv and returns an exit code
 SUBCOMMANDS: dict[str, str] = {
     "report": "deepshard.launcher.report:main",
+    "convert": "deepshard.checkpoint.convert:main",
 }
 
 

@@ -17,8 +17,8 @@ import weakref
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from deepshard import comm
 from deepshard.zero.layout import ShardSpec
 
 # id(param) -> (weak param, weak partition): entries never keep an engine's state alive.
@@ -57,7 +57,7 @@ def _gather_rows(local: torch.Tensor, shape: torch.Size, partition: Any) -> torc
     padded = torch.zeros(spec.shard_numel, dtype=torch.float32, device=local.device)
     padded[: local.numel()] = local.reshape(-1)
     full = torch.empty(spec.shard_numel * partition.world, dtype=torch.float32, device=local.device)
-    dist.all_gather_into_tensor(full, padded, group=partition.group)
+    comm.all_gather_into_tensor(full, padded, group=partition.group)
     return full.view(spec.shard_rows * partition.world, spec.row_numel)[: spec.rows].reshape(shape).clone()
 
 

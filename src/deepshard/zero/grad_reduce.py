@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from deepshard import comm
 from deepshard.comm.bucketing import FlatBuffer, plan_buckets
 from deepshard.zero.layout import BucketLayout
 
@@ -268,7 +269,7 @@ class ReduceScatterGradReducer(_BucketedReducer):
             bucket.out = bucket.wire
             return
         bucket.out = torch.empty(self.layouts[b].segment_numel, dtype=bucket.wire.dtype, device=full.device)
-        bucket.work = dist.reduce_scatter_tensor(bucket.out, bucket.wire, group=self.group, async_op=True)
+        bucket.work = comm.reduce_scatter_tensor(bucket.out, bucket.wire, group=self.group, async_op=True)
 
     def _land(self, b: int) -> None:
         bucket = self.buckets[b]

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from deepshard import comm
 from deepshard.comm.bucketing import plan_buckets
 from deepshard.precision.master import MasterWeights
 from deepshard.zero.layout import BucketLayout
@@ -44,6 +44,6 @@ class ParamGatherer:
                 full = segment
             else:
                 full = torch.empty(layout.full_numel, dtype=dtype, device=device)
-                dist.all_gather_into_tensor(full, segment, group=self.group)
+                comm.all_gather_into_tensor(full, segment, group=self.group)
             for slot, p in enumerate(members):
                 layout.gather_full(full, slot, p.data)
