@@ -38,6 +38,15 @@ def build_model(unused_and_frozen: bool = False, preset: str = "tiny") -> torch.
     return model
 
 
+def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """Two groups with their own hyper-parameters: matrices decay, vectors do not and learn faster."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in trainable if p.dim() >= 2], "weight_decay": 0.1},
+        {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0, "lr": 3 * LR},
+    ]
+
+
 def _global_batches(world: int, gas: int, preset: str = "tiny") -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
     cfg = PRESETS[preset]
     flat = make_token_batches(cfg.vocab_size, cfg.seq_len, MICRO * world, STEPS * gas, seed=1)
@@ -45,12 +54,19 @@ def _global_batches(world: int, gas: int, preset: str = "tiny") -> list[list[tup
 
 
 def run_engine(
-    world: int, gas: int, extra: dict[str, Any], unused: bool = False, use_no_sync: bool = False, preset: str = "tiny"
+    world: int,
+    gas: int,
+    extra: dict[str, Any],
+    unused: bool = False,
+    use_no_sync: bool = False,
+    preset: str = "tiny",
+    groups: bool = False,
 ) -> dict:
     """Train with the engine on this rank; return losses, norms and final state (on every rank)."""
     rank = deepshard.comm.get_rank()
     model = build_model(unused, preset)
-    engine, _, _, _ = deepshard.initialize(model=model, model_parameters=model.parameters(), config=_config(gas, world, **extra))
+    params = param_groups(model) if groups else model.parameters()
+    engine, _, _, _ = deepshard.initialize(model=model, model_parameters=params, config=_config(gas, world, **extra))
     losses, norms, whole_grad_bytes = [], [], []
     for micro_batches in _global_batches(world, gas, preset):
         total = torch.zeros(())
@@ -76,10 +92,12 @@ def run_engine(
         "whole_grad_bytes": max(whole_grad_bytes), "live_grad_bytes": engine.reducer.nbytes}
 
 
-def reference(world: int, gas: int, clip: float = 0.0, unused: bool = False, preset: str = "tiny"):
+def reference(
+    world: int, gas: int, clip: float = 0.0, unused: bool = False, preset: str = "tiny", groups: bool = False
+):
     """The single-process PyTorch run the engine must match."""
     model = build_model(unused, preset)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params: Any = param_groups(model) if groups else [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.01, foreach=False)
     return reference_train(model, opt, _global_batches(world, gas, preset), clip=clip)
 

@@ -45,6 +45,15 @@ def test_fp32_parity_clipping_frozen_unused(stage, dist2):
 
 
 @pytest.mark.parametrize("stage", [1, 2])
+def test_parameter_groups_keep_their_hyperparameters(stage, dist2):
+    results = dist2.run(run_engine, 2, 1, _zero(stage), False, False, "odd", True)
+    ref = reference(2, 1, preset="odd", groups=True)
+    for r in results:
+        assert max_relative_difference(r["losses"], ref.losses) <= FP32_TOL
+        assert max_state_difference(r["state"], ref.state) <= FP32_TOL
+
+
+@pytest.mark.parametrize("stage", [1, 2])
 def test_no_sync(stage, dist2):
     # DeepSpeed refuses no_sync at stage 2; here gradients accumulate locally and are reduced once.
     results = dist2.run(run_engine, 2, 1, _zero(stage), False, True)
