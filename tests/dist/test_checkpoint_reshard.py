@@ -82,14 +82,18 @@ def _full_state(engine: Any) -> dict[str, torch.Tensor]:
 
 
 def save_runs(root: str, precision: str, plans: list[tuple[str, int]]) -> dict[str, Any]:
-    """For each ``(name, stage)``: train, save to ``root/name``, record the state, train on."""
+    """For each ``(name, stage)``: train, save to ``root/name``, record the state, train on.
+
+    Stage-1 saves are asynchronous: training goes on while the staged rows are written.
+    """
     out = {}
     for name, stage in plans:
         engine = _engine(_world(), stage, precision)
         _train(engine, BATCHES[:SAVE_AT])
         state = _full_state(engine)
-        engine.save_checkpoint(f"{root}/{name}")
+        engine.save_checkpoint(f"{root}/{name}", async_save=stage == 1)  # stage 1: written in the background
         out[name] = {"state": state, "losses": _train(engine, BATCHES[SAVE_AT:])}
+        engine.wait_for_checkpoint()
     return out
 
 

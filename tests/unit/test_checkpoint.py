@@ -21,11 +21,13 @@ from torch.utils.data import TensorDataset
 
 import deepshard
 from deepshard.checkpoint import (
+    CheckpointReader,
     CorruptCheckpointError,
     export_safetensors,
     get_fp32_state_dict_from_zero_checkpoint,
     load_state_dict_from_zero_checkpoint,
 )
+from deepshard.checkpoint._blocks import row_blocks
 from deepshard.checkpoint.convert import main as convert_main
 from deepshard.testing.models import GPT, PRESETS
 from deepshard.testing.parity import make_token_batches
@@ -66,9 +68,12 @@ def params(engine) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
 
 
+@pytest.mark.parametrize("stage", [0, 1, 2])
 @pytest.mark.parametrize("precision", [None, "bf16", "fp16"], ids=["fp32", "bf16", "fp16"])
-def test_round_trip_resumes_bit_for_bit(precision, tmp_path):
-    engine = make_engine(precision)
+def test_round_trip_resumes_bit_for_bit(precision, stage, tmp_path):
+    # one rank: stages 1-2 hold "shards" of every row (the distributed cases are in tests/dist)
+    zero = {"zero_optimization": {"stage": stage}}
+    engine = make_engine(precision, **zero)
     train(engine, BATCHES[:4])  # two optimizer steps of two micro-batches
     engine.training_dataloader.epoch = 3
     path = engine.save_checkpoint(tmp_path, client_state={"note": "hi", "step": 5})
@@ -76,7 +81,7 @@ def test_round_trip_resumes_bit_for_bit(precision, tmp_path):
     draws = (random.random(), float(np.random.rand()), float(torch.rand(())))
     expected = train(engine, BATCHES[4:])
 
-    fresh = make_engine(precision)
+    fresh = make_engine(precision, **zero)
     load_path, client = fresh.load_checkpoint(tmp_path)
     assert load_path == path and client == {"note": "hi", "step": 5}
     assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == draws
@@ -163,6 +168,17 @@ def test_async_save_overlaps_training_and_snapshots_state(tmp_path):
     assert (tmp_path / "latest").read_text() == "b" and (tmp_path / "a" / "manifest.json").is_file()
 
 
+def test_config_async_save_is_the_default_of_save_checkpoint(tmp_path):
+    engine = make_engine(checkpoint={"async_save": True})
+    train(engine, BATCHES[:2])
+    io = engine._checkpoint_io()
+    engine.save_checkpoint(tmp_path, tag="bg")  # async_save=None: the config's value
+    assert io._thread is not None
+    engine.wait_for_checkpoint()
+    engine.save_checkpoint(tmp_path, tag="fg", async_save=False)  # the argument wins
+    assert io._thread is None and (tmp_path / "bg" / "manifest.json").is_file()
+
+
 @pytest.mark.parametrize("precision", [None, "bf16"], ids=["fp32", "bf16"])
 def test_export_matches_parameters(precision, tmp_path):
     engine = make_engine(precision)
@@ -174,6 +190,15 @@ def test_export_matches_parameters(precision, tmp_path):
     assert state["head.weight"] is state["tok.weight"]  # tied: both names, one tensor
     for name, value in fp32.items():
         assert state[name].dtype == torch.float32 and torch.equal(state[name], value), name
+
+    # export streams each tensor from the files in bounded blocks, in row-major order
+    reader = CheckpointReader(tmp_path / "ck")
+    key = reader.sources["tok.weight"]
+    blocks = row_blocks(reader.path, key, reader.meta[key], reader._storage, torch.float32, block_bytes=4096)
+    assert blocks is not None
+    pieces = [b.clone() for b in blocks]
+    assert len(pieces) > 1 and max(b.numel() for b in pieces) == 1024
+    assert torch.equal(torch.cat(pieces), state["tok.weight"].reshape(-1))
 
     files = export_safetensors(tmp_path / "ck", tmp_path / "one")
     assert [f.name for f in files] == ["model.safetensors"]

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 
 def initialized() -> bool:
@@ -53,6 +54,13 @@ def raise_if_any(error: str | None, group: Any = None, kind: type[Exception] = R
     errors = sorted({e for e in all_gather_objects(error, group) if e})
     if errors:
         raise kind("\n".join(errors))
+
+
+def device_mesh(group: Any, device_type: str) -> DeviceMesh:
+    """A 1-D device mesh over the ranks of ``group`` (``None``: the default group), in group-rank order."""
+    pg = group if group is not None else dist.group.WORLD
+    assert pg is not None, "a device mesh needs an initialised process group"
+    return DeviceMesh.from_group(pg, device_type)
 
 
 @contextlib.contextmanager

@@ -1,9 +1,12 @@
 """Consolidated weights out of a checkpoint: fp32 state dicts, safetensors export, 16-bit model files.
 
 Export never needs the training job or a process group and never holds the whole model: tensors are
-read from the DCP files one at a time (a DCP load plan for one key reads, for sharded state, every
-rank's rows of that tensor), cast, and appended to a streaming safetensors writer. Peak memory is
-about twice the largest tensor (the stored copy and its cast).
+read from the DCP files one at a time, cast, and appended to a streaming safetensors writer. For
+the layout deepshard writes (each stored chunk a block of dim-0 rows: whole replicated tensors, ZeRO
+``Shard(0)`` shards saved on any number of ranks) each tensor is streamed in blocks of 16 MiB
+(:mod:`._blocks`), so peak memory is a block, not a tensor. Anything else is read whole by a DCP
+load plan for that one key (which reads every rank's rows of it): about twice that tensor.
+:func:`get_fp32_state_dict_from_zero_checkpoint` builds whole tensors (it returns the model).
 
 Values: a parameter with an fp32 master (bf16/fp16 training) is exported from the master; every
 other entry (fp32 parameters, buffers) from the module state. Tied weights (one tensor under several
@@ -17,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from deepshard.checkpoint import _dist, layout, manifest
+from deepshard.checkpoint._blocks import row_blocks
 from deepshard.checkpoint.load import read_engine_state, tensor_metadata
 from deepshard.checkpoint.safetensors_stream import (
     INDEX_NAME,
@@ -50,6 +55,7 @@ class CheckpointReader:
         self.engine_state = read_engine_state(self.path)
         self.meta = tensor_metadata(self.path)
         self._reader = dcp.FileSystemReader(str(self.path))
+        self._storage = self._reader.read_metadata().storage_data
         module = self.engine_state["module"]
         self.aliases: dict[str, str] = dict(module["aliases"])
         masters = set(self.engine_state["masters"])
@@ -73,6 +79,13 @@ class CheckpointReader:
             dcp.load({key: buf}, storage_reader=self._reader, no_dist=True)
         spec = self.spec(name, dtype)
         return buf if buf.dtype == spec.dtype else buf.to(spec.dtype)
+
+
+    def pieces(self, name: str, dtype: torch.dtype | None = None) -> Iterable[torch.Tensor]:
+        """Like :meth:`read`, as flat row-major pieces of at most 16 MiB stored (one whole tensor if needed)."""
+        key = self.sources[name]
+        blocks = row_blocks(self.path, key, self.meta[key], self._storage, self.spec(name, dtype).dtype)
+        return blocks if blocks is not None else [self.read(name, dtype).reshape(-1)]
 
 
 def get_fp32_state_dict_from_zero_checkpoint(
@@ -131,7 +144,7 @@ def export_safetensors(
     written = []
     for shard in shards:
         path = out / shard.filename
-        write_shard(path, shard, lambda spec: reader.read(spec.name, dtype))
+        write_shard(path, shard, lambda spec: reader.pieces(spec.name, dtype))
         written.append(path)
     if len(shards) > 1:
         write_index(out, shards)

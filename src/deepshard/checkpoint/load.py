@@ -1,9 +1,17 @@
 """Put a checkpoint back into an engine: the module, masters, optimizer state and the rest.
 
-Every rank reads what it holds: with replicated (stage 0) state that is every tensor, so a checkpoint
-saved on N ranks loads on any M. Tensors are read in place into the engine's own tensors by
-``torch.distributed.checkpoint``; the optimizer's state is first allocated from the checkpoint's
-metadata (it may not exist yet in a fresh optimizer), then handed to ``optimizer.load_state_dict``.
+Every rank reads what it holds, in the layout of the engine that loads (any ZeRO stage, any number
+of ranks), whatever layout saved it: ``torch.distributed.checkpoint`` reshards on read. Replicated
+tensors are read whole; at ZeRO stages 1-2 the masters and the optimizer state are read as
+``Shard(0)`` DTensors over this engine's data-parallel mesh, so each rank reads only its rows.
+Tensors are read in place into the engine's own tensors; the optimizer's state is first allocated
+from the checkpoint's metadata (it may not exist yet in a fresh optimizer), then handed to
+``optimizer.load_state_dict``.
+
+With optimizer states, the masters are the source of every trainable parameter: they are read (fp32
+where the checkpoint has fp32 masters) and then published into the module (cast, and all-gathered at
+stages 1-2), exactly as after an optimizer step. Without them, the module is read and the masters
+follow it, as DeepSpeed does.
 """
 
 from __future__ import annotations
@@ -16,10 +24,21 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.device_mesh import DeviceMesh
 
 from deepshard.checkpoint import _dist, rng
 from deepshard.checkpoint.layout import ENGINE_STATE, rank_file
-from deepshard.checkpoint.state import MASTER, MODEL, master_pairs, module_entries, optimizer_fqns
+from deepshard.checkpoint.state import (
+    MASTER,
+    MODEL,
+    RowShard,
+    master_pairs,
+    module_entries,
+    optimizer_fqns,
+    row_shards,
+    shard_tensor,
+    sharded_rows,
+)
 from deepshard.utils.logging import log_dist
 
 
@@ -53,16 +72,56 @@ def read_into(path: Path, targets: dict[str, torch.Tensor], group: Any = None, n
         dcp.load(targets, storage_reader=dcp.FileSystemReader(str(path)), process_group=group, no_dist=no_dist)
 
 
-def _check_shape(key: str, meta: TensorStorageMetadata, target: torch.Tensor, path: Path) -> None:
-    if tuple(meta.size) != tuple(target.shape):
+class _Targets:
+    """What one load reads: DCP targets by key, and copies to make once they are read.
+
+    A target is a plain tensor (read whole) or a ``Shard(0)`` DTensor over ``mesh`` (this rank's
+    rows). A 0-d parameter's state is stored whole: it is read into a scalar and copied into the
+    single row that the group's rank 0 owns.
+    """
+
+    def __init__(self, path: Path, meta: dict[str, TensorStorageMetadata], mesh: DeviceMesh | None) -> None:
+        self.path, self.meta, self.mesh = path, meta, mesh
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.after: list[tuple[torch.Tensor, torch.Tensor]] = []  # (destination rows, loaded scalar)
+
+    def whole(self, key: str, target: torch.Tensor) -> None:
+        """Read ``key`` whole into ``target``."""
+        _check_shape(key, self.meta[key], target.shape, self.path)
+        self.tensors[key] = target.detach()
+
+    def rows(self, key: str, local: torch.Tensor, shard: RowShard | None) -> None:
+        """Read the rows of ``key`` that ``local`` holds (all of it when ``shard`` is ``None``)."""
+        if shard is None:
+            self.whole(key, local)
+            return
+        _check_shape(key, self.meta[key], shard.shape, self.path)
+        if shard.scalar:
+            scalar = torch.empty((), dtype=local.dtype, device=local.device)
+            self.tensors[key] = scalar
+            self.after.append((local, scalar))
+        else:
+            self.tensors[key] = shard_tensor(local.detach(), shard.shape, self.mesh)
+
+    def read(self) -> None:
+        """Collective: read every target, then copy scalars into their rows."""
+        read_into(self.path, self.tensors)
+        with torch.no_grad():
+            for dest, scalar in self.after:
+                if dest.numel():
+                    dest.copy_(scalar.reshape(dest.shape))
+
+
+def _check_shape(key: str, meta: TensorStorageMetadata, shape: torch.Size, path: Path) -> None:
+    if tuple(meta.size) != tuple(shape):
         raise ValueError(
-            f"{key} has shape {tuple(meta.size)} in the checkpoint {path} but {tuple(target.shape)} in the model; "
+            f"{key} has shape {tuple(meta.size)} in the checkpoint {path} but {tuple(shape)} in the model; "
             "the checkpoint was saved from a different model configuration."
         )
 
 
-def _module_targets(engine: Any, path: Path, es: dict[str, Any], meta: dict[str, Any], opts: LoadOptions,
-                    use_masters: bool) -> dict[str, torch.Tensor]:
+def _module_keys(engine: Any, path: Path, es: dict[str, Any], opts: LoadOptions) -> dict[str, str]:
+    """Module state key -> the saved name it loads from (tied names resolved), after the strictness check."""
     entries = module_entries(engine.module)
     saved = es["module"]
     saved_names = set(saved["keys"]) | set(saved["aliases"])
@@ -79,34 +138,35 @@ def _module_targets(engine: Any, path: Path, es: dict[str, Any], meta: dict[str,
     if missing or unexpected:
         log_dist(f"loading {path} non-strictly: missing {missing}, unexpected {unexpected}", ranks=[0],
                  level=logging.WARNING)
-    separate = {n for n, p, m in master_pairs(engine) if m is not p}
-    targets = {}
-    for key, tensor in entries.tensors.items():
+    out = {}
+    for key in entries.tensors:
         source = saved["aliases"].get(key, key)
-        if source not in saved["keys"]:
-            continue
-        # without separate masters the module parameter *is* the master: prefer the fp32 copy if saved
-        dcp_key = MASTER + source if use_masters and key not in separate and MASTER + source in meta else MODEL + source
-        _check_shape(dcp_key, meta[dcp_key], tensor, path)
-        targets[dcp_key] = tensor.detach()
-    return targets
+        if source in saved["keys"]:
+            out[key] = source
+    return out
 
 
-def _optimizer_targets(engine: Any, path: Path, es: dict[str, Any], meta: dict[str, Any]
-                       ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """DCP targets for the optimizer state and a ``state_dict`` skeleton that refers to them by key."""
+def _best_key(source: str, meta: dict[str, Any]) -> str:
+    """The DCP key with the most precise saved value of ``source``: its fp32 master if saved, else the module's."""
+    return MASTER + source if MASTER + source in meta else MODEL + source
+
+
+def _optimizer_targets(engine: Any, targets: _Targets, es: dict[str, Any], shards: dict[str, RowShard]
+                       ) -> dict[str, Any]:
+    """Add the optimizer state to ``targets``; return a ``state_dict`` skeleton that refers to them by key."""
     saved = es["optimizer"]
     current = optimizer_fqns(engine)
     saved_groups = [g["params"] for g in saved["param_groups"]]
     if saved_groups != current:
         raise ValueError(
-            f"the optimizer in {path} has parameter groups {[len(g) for g in saved_groups]} (sizes) that do not "
-            f"match this optimizer's {[len(g) for g in current]} by parameter name; build the optimizer the same "
+            f"the optimizer in {targets.path} has parameter groups {[len(g) for g in saved_groups]} (sizes) that do "
+            f"not match this optimizer's {[len(g) for g in current]} by parameter name; build the optimizer the same "
             "way, or pass load_optimizer_states=False."
         )
     tensor_of = {n: m for n, _, m in master_pairs(engine)}
     tensor_of.update({n: t for g, names in zip(engine.optimizer.param_groups, current) for n, t in zip(names, g["params"])})
-    targets: dict[str, torch.Tensor] = {}
+    whole_shapes = {n: p.shape for n, p, _ in master_pairs(engine)}
+    per_element = _per_element_keys(saved["state"], targets.meta, whole_shapes)
     state: dict[int, dict[str, Any]] = {}
     index = 0
     for names in current:
@@ -115,16 +175,19 @@ def _optimizer_targets(engine: Any, path: Path, es: dict[str, Any], meta: dict[s
             if slots:
                 state[index] = {}
             like = tensor_of[name]
+            shard = shards.get(name)
+            whole_shape = shard.shape if shard is not None else like.shape
             for key, slot in slots.items():
                 if "value" in slot:
                     state[index][key] = slot["value"]
                     continue
-                md = meta[slot["tensor"]]
-                if tuple(md.size) == tuple(like.shape):
-                    buf = torch.empty_like(like, dtype=md.properties.dtype)
-                else:  # e.g. Adam's 0-d ``step``
-                    buf = torch.empty(tuple(md.size), dtype=md.properties.dtype)
-                targets[slot["tensor"]] = buf
+                md = targets.meta[slot["tensor"]]
+                if tuple(md.size) == tuple(whole_shape) and (len(whole_shape) > 0 or key in per_element):
+                    # per-element state (exp_avg, ...): this rank's rows, like the master
+                    targets.rows(slot["tensor"], torch.empty_like(like, dtype=md.properties.dtype), shard)
+                else:  # e.g. Adam's 0-d ``step``: the same on every rank
+                    targets.whole(slot["tensor"], torch.empty(tuple(md.size), dtype=md.properties.dtype,
+                                                              device=like.device))
                 state[index][key] = slot["tensor"]
             index += 1
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": []} for g in saved["param_groups"]]
@@ -132,7 +195,23 @@ def _optimizer_targets(engine: Any, path: Path, es: dict[str, Any], meta: dict[s
     for group, names in zip(groups, current):
         group["params"] = list(range(index, index + len(names)))
         index += len(names)
-    return targets, {"state": state, "param_groups": groups}
+    return {"state": state, "param_groups": groups}
+
+
+def _per_element_keys(saved_state: dict[str, dict[str, Any]], meta: dict[str, TensorStorageMetadata],
+                      whole_shapes: dict[str, torch.Size]) -> set[str]:
+    """Optimizer state keys that are per-element (shaped like their parameter) for some parameter of rank >= 1.
+
+    A 0-d parameter's per-element state (``exp_avg``) and scalar state (Adam's ``step``) are both 0-d;
+    the other parameters tell which key is which.
+    """
+    keys = set()
+    for name, slots in saved_state.items():
+        shape = whole_shapes.get(name)
+        for key, slot in slots.items():
+            if shape is not None and len(shape) > 0 and "tensor" in slot and tuple(meta[slot["tensor"]].size) == tuple(shape):
+                keys.add(key)
+    return keys
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -140,8 +219,12 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else t
 
 
-def load_into_engine(engine: Any, path: Path, opts: LoadOptions) -> dict[str, Any]:
-    """Collective: restore ``engine`` from the verified checkpoint at ``path``; return the client state."""
+def load_into_engine(engine: Any, path: Path, opts: LoadOptions, mesh: DeviceMesh | None = None) -> dict[str, Any]:
+    """Collective: restore ``engine`` from the verified checkpoint at ``path``; return the client state.
+
+    ``mesh`` is the engine's data-parallel device mesh; it is needed when the engine's masters are
+    sharded (ZeRO stages 1-2 on more than one rank).
+    """
     es = read_engine_state(path)
     meta = tensor_metadata(path)
     restore_all = not opts.module_only
@@ -149,30 +232,34 @@ def load_into_engine(engine: Any, path: Path, opts: LoadOptions) -> dict[str, An
     if want_optimizer and es["optimizer"] is None:
         log_dist(f"{path} holds no optimizer state; the optimizer starts fresh", ranks=[0], level=logging.WARNING)
         want_optimizer = False
+    shards = row_shards(engine)
+    if sharded_rows(engine) and mesh is None:
+        raise AssertionError("loading sharded masters needs the data-parallel device mesh")
 
-    targets = _module_targets(engine, path, es, meta, opts, use_masters=want_optimizer)
-    fallback: dict[str, torch.Tensor] = {}
-    separate = [(n, m) for n, p, m in master_pairs(engine) if m is not p]
+    targets = _Targets(path, meta, mesh)
+    sources = _module_keys(engine, path, es, opts)
+    pairs = master_pairs(engine)
+    from_masters = {n for n, _, _ in pairs if n in sources} if want_optimizer else set()
+    for key, tensor in module_entries(engine.module).tensors.items():
+        if key in sources and key not in from_masters:
+            targets.whole(MODEL + sources[key], tensor)
+    skeleton: dict[str, Any] = {}
     if want_optimizer:
-        for name, master in separate:
-            source = es["module"]["aliases"].get(name, name)
-            if MASTER + source in meta:
-                targets[MASTER + source] = master.detach()
-            elif MODEL + source in meta:  # saved without separate masters (fp32): its weights are fp32
-                fallback[MODEL + source] = master.detach()
-        opt_targets, skeleton = _optimizer_targets(engine, path, es, meta)
-        targets.update(opt_targets)
-    read_into(path, targets)
-    read_into(path, fallback)
-    if separate and not want_optimizer:
-        engine.masters.copy_from_model()  # DeepSpeed: without optimizer states, masters follow the module
-
+        # masters first: the module's trainable parameters are published from them below
+        for name, _, master in pairs:
+            if name in from_masters:
+                targets.rows(_best_key(sources[name], meta), master, shards.get(name))
+        skeleton = _optimizer_targets(engine, targets, es, shards)
+    targets.read()
     if want_optimizer:
+        engine.partition.publish()  # masters -> whole module parameters (cast; all-gathered at stages 1-2)
         for slots in skeleton["state"].values():
             for key, value in slots.items():
-                if isinstance(value, str) and value in targets:
-                    slots[key] = _local(targets[value])
+                if isinstance(value, str) and value in targets.tensors:
+                    slots[key] = _local(targets.tensors[value])
         engine.optimizer.load_state_dict(skeleton)
+    else:
+        engine.masters.copy_from_model()  # DeepSpeed: without optimizer states, masters follow the module
     if restore_all and opts.lr_scheduler_states and engine.lr_scheduler is not None and es["lr_scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(es["lr_scheduler"])
     if restore_all:

@@ -83,9 +83,13 @@ def plan_shards(specs: Iterable[TensorSpec], max_bytes: int) -> list[Shard]:
     return [Shard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
 
 
-def write_shard(path: Path, shard: Shard, load: Callable[[TensorSpec], torch.Tensor],
+def write_shard(path: Path, shard: Shard, load: Callable[[TensorSpec], torch.Tensor | Iterable[torch.Tensor]],
                 metadata: dict[str, str] | None = None) -> None:
-    """Write ``shard`` to ``path`` (atomically), calling ``load(spec)`` for one tensor at a time."""
+    """Write ``shard`` to ``path`` (atomically), calling ``load(spec)`` for one tensor at a time.
+
+    ``load`` returns the tensor, or its elements in row-major order as flat pieces (written as they
+    come, so only one piece need be in memory).
+    """
     header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
     for spec in shard.tensors:
@@ -101,11 +105,20 @@ def write_shard(path: Path, shard: Shard, load: Callable[[TensorSpec], torch.Ten
         fh.write(struct.pack("<Q", len(blob)))
         fh.write(blob)
         for spec in shard.tensors:
-            tensor = load(spec)
-            if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
-                raise AssertionError(f"{spec.name}: loaded {tensor.dtype}{tuple(tensor.shape)}, planned {spec}")
-            fh.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)  # no copy
-            del tensor
+            loaded = load(spec)
+            if isinstance(loaded, torch.Tensor):
+                if loaded.dtype != spec.dtype or tuple(loaded.shape) != spec.shape:
+                    raise AssertionError(f"{spec.name}: loaded {loaded.dtype}{tuple(loaded.shape)}, planned {spec}")
+                loaded = [loaded]
+            written = 0
+            for piece in loaded:
+                if piece.dtype != spec.dtype:
+                    raise AssertionError(f"{spec.name}: loaded a {piece.dtype} piece, planned {spec}")
+                fh.write(piece.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)  # no copy
+                written += piece.numel() * piece.element_size()
+            del loaded
+            if written != spec.nbytes:
+                raise AssertionError(f"{spec.name}: wrote {written} bytes, planned {spec.nbytes}")
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)

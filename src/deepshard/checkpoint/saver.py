@@ -7,8 +7,8 @@ A save runs in four steps on every rank of the data-parallel group:
    asynchronous save copies the tensors to host memory here (one copy of the model state: the
    trade-off that lets training continue), a synchronous one writes the live tensors;
 3. *write*: per-rank files, then ``torch.distributed.checkpoint.save`` (replicated tensors are
-   de-duplicated and spread over the ranks, shards written by their owners), then CRC32s split
-   across ranks;
+   de-duplicated and spread over the ranks; ZeRO row shards, as ``Shard(0)`` DTensors over a 1-D
+   mesh of the data-parallel group, written by their owners), then CRC32s split across ranks;
 4. *commit* (rank 0): ``manifest.json``, rename to ``<tag>``, replace ``latest``; then every rank
    learns the outcome, so an error anywhere is raised everywhere.
 
@@ -31,10 +31,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.device_mesh import DeviceMesh
 
 from deepshard.checkpoint import _dist, layout, manifest
 from deepshard.checkpoint.load import LoadOptions, load_into_engine
-from deepshard.checkpoint.state import Captured, capture
+from deepshard.checkpoint.state import Captured, capture, sharded_rows
 from deepshard.utils.logging import log_dist
 
 
@@ -52,6 +53,7 @@ class Checkpointer:
         self._error: BaseException | None = None
         self._pending_path: Path | None = None
         self._async_group: Any = None
+        self._meshes: dict[str, DeviceMesh] = {}
 
     # ------------------------------------------------------------------ save
     def save(
@@ -66,9 +68,11 @@ class Checkpointer:
         """Collective: write a checkpoint of the engine into ``save_dir/<tag>``; return that path.
 
         With ``async_save`` the call returns once the state is copied; the write continues in the
-        background (see :meth:`wait`).
+        background (see :meth:`wait`). ``None`` uses the config's ``checkpoint.async_save``.
         """
         self.wait()
+        if async_save is None:
+            async_save = bool(self.engine.config.checkpoint.async_save)
         gas = self.engine.gradient_accumulation_steps()
         if self.engine.micro_steps % gas:
             log_dist(f"saving a checkpoint {self.engine.micro_steps % gas} micro-steps into an accumulation window of "
@@ -86,11 +90,12 @@ class Checkpointer:
         _dist.raise_if_any(None)  # barrier: rank 0 cleaned up before anyone writes
         final = root / agreed_tag
         job = _SaveJob(root, root / f"{agreed_tag}{layout.TMP_MARK}{token}", final, token, save_latest,
-                       capture(self.engine, client_state, exclude_frozen_parameters))
+                       capture(self.engine, client_state, exclude_frozen_parameters), self._mesh())
         if async_save:
             start = time.perf_counter()
             job.captured = job.captured.staged()
             group = self._checkpoint_group()
+            job.mesh = self._mesh(async_group=True)  # the staged rows live in host memory
             log_dist(f"checkpoint {final}: staged {job.captured.nbytes / 2**20:.1f} MiB in "
                      f"{time.perf_counter() - start:.2f}s, writing in the background", ranks=[0])
             self._error = None
@@ -100,6 +105,22 @@ class Checkpointer:
         else:
             job.run(None)
         return str(final)
+
+    def _mesh(self, async_group: bool = False) -> DeviceMesh | None:
+        """Collective on first use: the 1-D mesh of the data-parallel group that sharded state is placed on.
+
+        ``None`` when nothing is sharded. The asynchronous save's mesh spans its own gloo group over
+        host memory (the staged copies); meshes are built once and cached.
+        """
+        if not sharded_rows(self.engine):
+            return None
+        key = "async" if async_group else "train"
+        if key not in self._meshes:
+            if async_group:
+                self._meshes[key] = _dist.device_mesh(self._checkpoint_group(), "cpu")
+            else:
+                self._meshes[key] = _dist.device_mesh(self.engine.dp_group, torch.device(self.engine.device).type)
+        return self._meshes[key]
 
     def _checkpoint_group(self) -> Any:
         """A gloo group of all ranks for background saves (created once, collectively)."""
@@ -149,7 +170,7 @@ class Checkpointer:
         start = time.perf_counter()
         manifest.verify(path)
         opts = LoadOptions(load_module_strict, load_optimizer_states, load_lr_scheduler_states, load_module_only)
-        client_state = load_into_engine(self.engine, path, opts)
+        client_state = load_into_engine(self.engine, path, opts, self._mesh())
         log_dist(f"loaded checkpoint {path} in {time.perf_counter() - start:.2f}s", ranks=[0])
         return str(path), client_state
 
@@ -157,10 +178,12 @@ class Checkpointer:
 class _SaveJob:
     """Steps 3–4 of one save (see the module docstring); ``run`` is collective over ``group``."""
 
-    def __init__(self, root: Path, tmp: Path, final: Path, token: str, save_latest: bool, captured: Captured):
+    def __init__(self, root: Path, tmp: Path, final: Path, token: str, save_latest: bool, captured: Captured,
+                 mesh: DeviceMesh | None) -> None:
         self.root, self.tmp, self.final, self.token = root, tmp, final, token
         self.save_latest = save_latest
         self.captured = captured
+        self.mesh = mesh  # places the captured row shards (see Captured.dcp_state)
 
     def run(self, group: Any) -> None:
         start = time.perf_counter()
@@ -176,7 +199,7 @@ class _SaveJob:
         _dist.raise_if_any(error, group)
         with _dist.quiet_single_process():
             dcp.save(
-                self.captured.tensors,
+                self.captured.dcp_state(self.mesh),
                 storage_writer=dcp.FileSystemWriter(str(self.tmp), sync_files=True),
                 process_group=group,
                 no_dist=not _dist.initialized(),

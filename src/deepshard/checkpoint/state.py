@@ -8,21 +8,27 @@ Tensors go to ``torch.distributed.checkpoint`` under flat keys:
 * ``optim.state.<fqn>.<key>``      each optimizer state tensor (``exp_avg``, ``step``, ...) of the
                                    master for parameter ``<fqn>``.
 
-A tensor is either a plain tensor (replicated: the same on every rank of the group, saved once) or a
-``DTensor`` placed ``Shard(0)`` over the data-parallel mesh (a ZeRO shard: each rank writes its
-rows; a load on any number of ranks reads the rows it needs). Everything that is not a tensor goes to
-``engine_state.pt`` (rank 0) and ``rank_NNNNN.pt`` (per rank) as plain containers that
-``torch.load(weights_only=True)`` accepts.
+A tensor is either a plain tensor (replicated: the same on every rank of the group, saved once) or,
+at ZeRO stages 1-2 on more than one rank, this rank's dim-0 rows of a whole tensor (the fp32 masters
+and the optimizer state shaped like them). Those are handed to DCP as ``DTensor`` objects placed
+``Shard(0)`` over the data-parallel mesh (torch.chunk rows: :mod:`deepshard.zero.layout`'s split),
+so each rank writes its rows and a load on any number of ranks reads the rows it needs. Model
+weights stay plain at every stage (whole on every rank; DCP de-duplicates them). A 0-d parameter's
+master (one row, owned by rank 0) is broadcast and saved whole, as stage 0 saves it. Everything that
+is not a tensor goes to ``engine_state.pt`` (rank 0) and ``rank_NNNNN.pt`` (per rank) as plain
+containers that ``torch.load(weights_only=True)`` accepts.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
 
 from deepshard.checkpoint import rng
 from deepshard.checkpoint.layout import FORMAT_VERSION
@@ -34,11 +40,16 @@ OPTIM = "optim.state."
 
 @dataclass
 class Captured:
-    """One save's content: DCP tensors by key, rank 0's engine state, this rank's own state."""
+    """One save's content: DCP tensors by key, rank 0's engine state, this rank's own state.
+
+    ``tensors`` are plain: whole (replicated) tensors, or, for the keys in ``global_shapes``, this
+    rank's dim-0 rows of a tensor of that shape. :meth:`dcp_state` wraps the latter as DTensors.
+    """
 
     tensors: dict[str, torch.Tensor]
     engine_state: dict[str, Any]
     rank_state: dict[str, Any]
+    global_shapes: dict[str, torch.Size] = field(default_factory=dict)
 
     def staged(self) -> Captured:
         """A copy that training may not touch (for an asynchronous save): tensors copied to host memory."""
@@ -46,12 +57,40 @@ class Captured:
             tensors={k: _host_copy(v) for k, v in self.tensors.items()},
             engine_state=copy.deepcopy(self.engine_state),
             rank_state=copy.deepcopy(self.rank_state),
+            global_shapes=dict(self.global_shapes),
         )
+
+    def dcp_state(self, mesh: DeviceMesh | None) -> dict[str, torch.Tensor]:
+        """The state dict for ``dcp.save``: row shards as DTensors ``Shard(0)`` on ``mesh``, the rest plain."""
+        if self.global_shapes and mesh is None:
+            raise AssertionError("sharded checkpoint state needs the data-parallel device mesh")
+        return {k: shard_tensor(t, self.global_shapes[k], mesh) if k in self.global_shapes else t
+                for k, t in self.tensors.items()}
 
     @property
     def nbytes(self) -> int:
         """Bytes of tensor data this rank holds for the save."""
-        return sum(_local(t).numel() * t.element_size() for t in self.tensors.values())
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def _contiguous_stride(shape: torch.Size) -> tuple[int, ...]:
+    stride, out = 1, []
+    for d in reversed(shape):
+        out.append(stride)
+        stride *= max(d, 1)
+    return tuple(reversed(out))
+
+
+def shard_tensor(local: torch.Tensor, shape: torch.Size, mesh: DeviceMesh | None) -> torch.Tensor:
+    """``local`` (this rank's torch.chunk rows of a tensor of ``shape``) as a ``Shard(0)`` DTensor on ``mesh``.
+
+    Without a mesh (one rank) ``local`` is the whole tensor and is returned as is. The DTensor shares
+    ``local``'s memory, so DCP writes loaded rows into it in place.
+    """
+    if mesh is None:
+        return local
+    return DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=torch.Size(shape),
+                              stride=_contiguous_stride(torch.Size(shape)))
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -60,8 +99,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _host_copy(t: torch.Tensor) -> torch.Tensor:
-    if _local(t) is not t:  # DTensor: keep its placement; clone the local shard
-        return t.detach().clone()
     out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
     out.copy_(t.detach())
     return out
@@ -108,8 +145,45 @@ def master_pairs(engine: Any) -> list[tuple[str, torch.nn.Parameter, torch.Tenso
     return [(names[id(p)], p, m) for p, m in zip(masters.params, masters.masters)]
 
 
-def _separate(pairs: Iterable[tuple[str, torch.nn.Parameter, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
-    return [(n, m) for n, p, m in pairs if m is not p]
+def separate_masters(engine: Any) -> bool:
+    """Whether the masters are fp32 copies (bf16/fp16), not the parameters or views of their rows (fp32)."""
+    return bool(engine.masters.needs_fp32_copy)
+
+
+def sharded_rows(engine: Any) -> bool:
+    """Whether masters and optimizer state hold only this rank's rows of parameters (ZeRO >= 1, > 1 rank)."""
+    return bool(engine.masters.sharded) and int(engine.dp_world_size) > 1
+
+
+@dataclass(frozen=True)
+class RowShard:
+    """How one master's tensors are stored: this rank's ``rows`` of a tensor of ``shape``."""
+
+    shape: torch.Size
+    rows: tuple[int, int]
+
+    @property
+    def scalar(self) -> bool:
+        """A 0-d parameter: one row, owned by the group's rank 0, stored whole."""
+        return len(self.shape) == 0
+
+
+def row_shards(engine: Any) -> dict[str, RowShard]:
+    """FQN -> :class:`RowShard` for each master when the stage shards them (on one rank: all rows)."""
+    if not engine.masters.sharded:
+        return {}
+    return {n: RowShard(p.shape, rows) for (n, p, _), rows in zip(master_pairs(engine), engine.masters.ranges)}
+
+
+def _whole_scalar(local: torch.Tensor, group: Any, world: int) -> torch.Tensor:
+    """Collective: the 0-d tensor whose single row the group's rank 0 holds, on every rank."""
+    if world == 1:
+        return local.reshape(())
+    whole = torch.empty((), dtype=local.dtype, device=local.device)
+    if dist.get_rank(group) == 0:
+        whole.copy_(local.reshape(()))
+    dist.broadcast(whole, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    return whole
 
 
 def optimizer_fqns(engine: Any) -> list[list[str]]:
@@ -130,32 +204,51 @@ def optimizer_fqns(engine: Any) -> list[list[str]]:
 
 # ---------------------------------------------------------------------------------------------- capture
 def capture(engine: Any, client_state: dict[str, Any] | None, exclude_frozen: bool) -> Captured:
-    """Everything a resume needs, as references to the live tensors (copy with :meth:`Captured.staged`)."""
+    """Everything a resume needs, as references to the live tensors (copy with :meth:`Captured.staged`).
+
+    Collective when the state is sharded and a parameter is 0-d (its master is broadcast).
+    """
     entries = module_entries(engine.module, exclude_frozen)
     tensors: dict[str, torch.Tensor] = {MODEL + k: v.detach() for k, v in entries.tensors.items()}
+    global_shapes: dict[str, torch.Size] = {}
+    shards = row_shards(engine)
+    distributed = sharded_rows(engine)  # rows of more than one rank: DTensors
+
+    def put(key: str, name: str, value: torch.Tensor, master: torch.Tensor) -> None:
+        shard = shards.get(name)
+        if shard is None or value.dim() == 0 and master.dim() != 0:  # unsharded, or a scalar like Adam's step
+            tensors[key] = value.detach()
+        elif tuple(value.shape) != tuple(master.shape):
+            raise ValueError(
+                f"optimizer state {key} has shape {tuple(value.shape)}, neither a scalar nor the shape of this "
+                f"rank's rows of {name} {tuple(master.shape)}; deepshard cannot tell how it is sharded across "
+                "ranks. Use an optimizer whose state is per-element (Adam, AdamW, SGD, ...) or ZeRO stage 0."
+            )
+        elif shard.scalar:
+            tensors[key] = _whole_scalar(value.detach(), engine.dp_group, int(engine.dp_world_size))
+        else:
+            tensors[key] = value.detach()
+            if distributed:
+                global_shapes[key] = shard.shape
+
     pairs = master_pairs(engine)
-    sharded = [n for n, p, m in pairs if tuple(m.shape) != tuple(p.shape) and _local(m) is m]
-    if sharded:
-        # plain tensors are taken as replicated and de-duplicated by DCP: a shard must be a DTensor
-        raise ValueError(
-            f"the engine holds sharded master weights ({sharded[0]}, ...: ZeRO stage "
-            f"{engine.zero_optimization_stage()}); checkpoints of ZeRO stages 1-3 are not supported yet. "
-            "Use stage 0 to save, or save_16bit_model for the weights."
-        )
-    for name, master in _separate(pairs):
-        tensors[MASTER + name] = master.detach()
+    masters = [n for n, _, _ in pairs] if separate_masters(engine) else []
+    if masters:
+        for name, _, master in pairs:
+            put(MASTER + name, name, master, master)
 
     optimizer_state = None
     if engine.optimizer is not None:
+        master_of = {n: m for n, _, m in pairs}
         groups = []
         per_param: dict[str, dict[str, Any]] = {}
-        for group, names in zip(engine.optimizer.param_groups, optimizer_fqns(engine)):
-            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": names})
-            for tensor, name in zip(group["params"], names):
+        for group_, names in zip(engine.optimizer.param_groups, optimizer_fqns(engine)):
+            groups.append({**{k: v for k, v in group_.items() if k != "params"}, "params": names})
+            for tensor, name in zip(group_["params"], names):
                 slots: dict[str, Any] = {}
                 for key, value in engine.optimizer.state.get(tensor, {}).items():
                     if isinstance(value, torch.Tensor):
-                        tensors[f"{OPTIM}{name}.{key}"] = value.detach()
+                        put(f"{OPTIM}{name}.{key}", name, value, master_of.get(name, tensor))
                         slots[key] = {"tensor": f"{OPTIM}{name}.{key}"}
                     else:
                         slots[key] = {"value": value}
@@ -180,7 +273,7 @@ def capture(engine: Any, client_state: dict[str, Any] | None, exclude_frozen: bo
             "extras": entries.extras,
             "excluded_frozen": sorted(entries.frozen) if exclude_frozen else [],
         },
-        "masters": [n for n, _ in _separate(pairs)],
+        "masters": masters,
         "optimizer": optimizer_state,
         "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
         "loss_scaler": engine.loss_scaler.state_dict(),
@@ -190,4 +283,4 @@ def capture(engine: Any, client_state: dict[str, Any] | None, exclude_frozen: bo
         "rng": rng.capture(),
         "dataloader": loader.state_dict() if loader is not None and hasattr(loader, "state_dict") else None,
     }
-    return Captured(tensors, engine_state, rank_state)
+    return Captured(tensors, engine_state, rank_state, global_shapes)

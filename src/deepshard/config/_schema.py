@@ -14,7 +14,16 @@ from typing import Any, ClassVar
 from pydantic import Field, PrivateAttr
 
 from deepshard.config._precision import BF16Config, DataTypesConfig, FP16Config
-from deepshard.config._types import DType, Float, Int, StrictModel, Unsupported, equals, unsupported
+from deepshard.config._types import (
+    DType,
+    Float,
+    Int,
+    StrictModel,
+    Unsupported,
+    all_defaults,
+    equals,
+    unsupported,
+)
 from deepshard.config._unsupported import TOP_LEVEL_NOT_SUPPORTED
 from deepshard.config._zero import ZeroConfig
 
@@ -42,6 +51,28 @@ class SchedulerConfig(StrictModel):
     params: dict[str, Any] = Field(
         default_factory=dict,
         description="Keyword arguments of the scheduler; validated by the scheduler builder.",
+    )
+
+
+class CheckpointConfig(StrictModel):
+    """``checkpoint``: how ``save_checkpoint`` writes. DeepSpeed's keys are accepted at their defaults only."""
+
+    NOT_SUPPORTED: ClassVar[dict[str, Unsupported]] = {
+        "tag_validation": unsupported("checks that every rank saves under the same tag", equals("Warn")),
+        "load_universal": unsupported("loads a DeepSpeed universal checkpoint", equals(False)),
+        "use_node_local_storage": unsupported("saves to storage local to each node", equals(False)),
+        "checkpoint_serialization": unsupported("torch.save's serialization of the checkpoint files", equals(True)),
+        "writer": unsupported("DeepSpeed's checkpoint writer engine (mock/python/fast)", equals(None)),
+        "parallel_write": unsupported(
+            "pipeline stages writing in parallel", all_defaults({"pipeline_stage": False})
+        ),
+    }
+
+    async_save: bool = Field(
+        default=False,
+        description="deepshard extension: `save_checkpoint` copies the state to host memory and returns while a "
+        "background thread writes it (costs one host copy of the model and optimizer state during the write); "
+        "`save_checkpoint(async_save=...)` overrides it per call. See docs/checkpoints.md.",
     )
 
 
@@ -118,6 +149,9 @@ class DeepShardConfig(StrictModel):
     )
     zero_optimization: ZeroConfig = Field(
         default=ZeroConfig(), description="ZeRO sharding; see `zero_optimization`."
+    )
+    checkpoint: CheckpointConfig = Field(
+        default=CheckpointConfig(), description="Checkpoint writing; see `checkpoint`."
     )
 
     _raw: Mapping[str, Any] = PrivateAttr(default_factory=lambda: MappingProxyType({}))

@@ -25,7 +25,6 @@ _ACTIVATION_CHECKPOINTING_DEFAULTS = {
     "synchronize_checkpoint_boundary": False,
     "profile": False,
 }
-_CHECKPOINT_DEFAULTS = {"tag_validation": "Warn", "load_universal": False, "use_node_local_storage": False}
 
 TOP_LEVEL_NOT_SUPPORTED: dict[str, Unsupported] = {
     "activation_checkpointing": unsupported(
@@ -34,9 +33,6 @@ TOP_LEVEL_NOT_SUPPORTED: dict[str, Unsupported] = {
     "aio": unsupported("asynchronous I/O settings for NVMe offload", empty()),
     "amp": unsupported("NVIDIA Apex AMP mixed precision", switched_off()),
     "autotuning": unsupported("the DeepSpeed autotuner", switched_off()),
-    "checkpoint": unsupported(
-        "checkpoint tag validation and writing options", all_defaults(_CHECKPOINT_DEFAULTS)
-    ),
     "comet": unsupported("logging to Comet", switched_off()),
     "comms_logger": unsupported("communication logging", switched_off()),
     "compile": unsupported("DeepCompile compiler passes", empty()),
