@@ -57,7 +57,7 @@ def main() -> None:
     tokens_per_step = engine.train_batch_size() * cfg.seq_len
     losses: list[float] = []
     batches = iter(loader)
-    bar = tqdm(total=args.steps, disable=rank != 0, desc=f"train {args.preset} x{world}", unit="step")
+    bar = tqdm(total=args.steps, disable=rank != 0, desc=f"train {args.preset} x{world}", unit="step", mininterval=1.0)
     start = time.perf_counter()
     micro_loss, micro_count = torch.zeros(()), 0
     while engine.global_steps < args.steps:
@@ -93,7 +93,7 @@ def main() -> None:
     path = engine.save_checkpoint(args.save_dir)
     if rank == 0:
         mib = 2**20
-        print(f"\nmodel: {num_parameters(model):,} parameters | world {world} | {engine.config.zero_optimization.stage=}")
+        print(f"\nmodel: {num_parameters(model):,} parameters | world {world} | ZeRO stage {engine.zero_optimization_stage()}")
         print(f"{'rank':>4} {'params':>10} {'grads':>10} {'master':>10} {'optim':>10} {'peak RSS':>10}  (MiB)")
         for r, vals in enumerate(rows):
             print(f"{r:>4} " + " ".join(f"{v / mib:>10.1f}" for v in vals.tolist()))
