@@ -65,7 +65,8 @@ def test_bf16_close_to_fp32reference(dist2):
     assert diff <= 2e-2, diff
     mem = results[0]["mem"]
     n = sum(p.numel() for p in build_model().parameters())
-    assert mem.parameters == 2 * n and mem.master_weights == 4 * n and mem.gradients == 4 * n
+    # gas=1: nothing accumulates, so gradients stay bf16 (DeepSpeed would hold fp32 copies: same numbers)
+    assert mem.parameters == 2 * n and mem.master_weights == 4 * n and mem.gradients == 2 * n
     assert mem.optimizer_states >= 8 * n
 
 

@@ -472,8 +472,9 @@ def test_bf16_check_grad_overflow_skips_step():
 
 # ---------------------------------------------------------------------------------------------------- memory
 def _one_step(engine) -> None:
-    engine.backward(engine(*_batches(1)[0]))
-    engine.step()
+    for batch in _batches(engine.gradient_accumulation_steps()):
+        engine.backward(engine(*batch))
+        engine.step()
 
 
 ADAMW = {"type": "AdamW", "params": {"lr": 1e-3}}
@@ -485,13 +486,19 @@ ADAMW = {"type": "AdamW", "params": {"lr": 1e-3}}
         # (parameters, gradients, master weights, optimizer states): Adam keeps two fp32 moments (8Ψ) and
         # one fp32 scalar step counter per parameter tensor.
         ({}, (4 * PSI, 4 * PSI, 0, 8 * PSI + 4 * N_TENSORS)),
-        ({"bf16": {"enabled": True}}, (2 * PSI, 4 * PSI, 4 * PSI, 8 * PSI + 4 * N_TENSORS)),
+        # bf16 without accumulation keeps bf16 gradients (the same numbers as DeepSpeed's fp32 copies)
+        ({"bf16": {"enabled": True}}, (2 * PSI, 2 * PSI, 4 * PSI, 8 * PSI + 4 * N_TENSORS)),
+        # with gradient accumulation they are accumulated in fp32, as DeepSpeed's BF16 optimizer does
+        (
+            {"bf16": {"enabled": True}, "gradient_accumulation_steps": 2},
+            (2 * PSI, 4 * PSI, 4 * PSI, 8 * PSI + 4 * N_TENSORS),
+        ),
         (
             {"fp16": {"enabled": True, "initial_scale_power": 8}},
             (2 * PSI, 2 * PSI, 4 * PSI, 8 * PSI + 4 * N_TENSORS),
         ),
     ],
-    ids=["fp32", "bf16", "fp16"],
+    ids=["fp32", "bf16", "bf16-gas2", "fp16"],
 )
 def test_memory_breakdown(precision, expected):
     engine = _engine(optimizer=ADAMW, **precision)

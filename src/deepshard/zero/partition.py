@@ -27,6 +27,8 @@ from deepshard.zero.stage import ZeroStage
 
 Reducer = AllReduceGradReducer | ReduceScatterGradReducer
 
+STAGE0_DEFAULT_BUCKET_BYTES = 25 * 2**20
+
 
 @dataclass
 class ZeroPartition:
@@ -85,6 +87,10 @@ def build_partition(
     world = spec.world_size
     trainable = unique_trainable(params)
     bucket = int(zero_cfg.reduce_bucket_size)
+    if stage.stage == 0 and "reduce_bucket_size" not in zero_cfg.model_fields_set:
+        # DeepSpeed's stage 0 does not bucket during backward (its 5e8 default would make one bucket
+        # and leave nothing to overlap); use DDP's 25 MiB buckets unless the user chose a size.
+        bucket = STAGE0_DEFAULT_BUCKET_BYTES // torch.empty((), dtype=policy.grad_dtype).element_size()
     # Stage 0 always overlaps (DeepSpeed has no switch there); stages 1-2 follow overlap_comm.
     overlap = bool(zero_cfg.effective_overlap_comm) or stage.stage == 0
     reducer: Reducer
