@@ -488,7 +488,7 @@ ADAMW = {"type": "AdamW", "params": {"lr": 1e-3}}
         ({}, (4 * PSI, 4 * PSI, 0, 8 * PSI + 4 * N_TENSORS)),
         # bf16 without accumulation keeps bf16 gradients (the same numbers as DeepSpeed's fp32 copies)
         ({"bf16": {"enabled": True}}, (2 * PSI, 2 * PSI, 4 * PSI, 8 * PSI + 4 * N_TENSORS)),
-        # with gradient accumulation they are accumulated in fp32, as DeepSpeed's BF16 optimizer does
+        # with gradient accumulation they are accumulated in fp32 (more accurate than DeepSpeed's bf16)
         (
             {"bf16": {"enabled": True}, "gradient_accumulation_steps": 2},
             (2 * PSI, 4 * PSI, 4 * PSI, 8 * PSI + 4 * N_TENSORS),

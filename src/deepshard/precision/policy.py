@@ -6,10 +6,11 @@
 | bf16 | bf16          | fp32 (see below)  | fp32 copies    | bf16                  |
 | fp16 | fp16          | fp16              | fp32 copies    | fp16                  |
 
-These follow DeepSpeed: at stage 0 bf16 accumulates gradients in fp32 (its BF16 optimizer) when
-there is something to accumulate (gradient accumulation, or fp32 reduction; otherwise the result is
-identical in bf16); with ZeRO stages 1-3 gradients stay in the parameter dtype (so model state
-matches the ZeRO formulas);
+At stage 0 with bf16, gradients are accumulated in fp32 when there is something to accumulate
+(gradient accumulation over micro-batches, or an fp32 reduction) and kept in bf16 otherwise, which
+gives identical numbers. DeepSpeed 0.19 keeps bf16 gradients at stage 0 in every case (and refuses
+``grad_accum_dtype: fp32`` there); the fp32 accumulation is deliberately more accurate. With ZeRO
+stages 1-3 gradients stay in the parameter dtype (so model state matches the ZeRO formulas);
 ``data_types.grad_accum_dtype`` overrides both. fp16 accumulates in fp16 under the loss scale, and
 the wire dtype defaults to the parameter dtype unless ``communication_data_type`` says otherwise.
 """
@@ -55,9 +56,9 @@ class PrecisionPolicy:
             param, grad, check = torch.float16, torch.float16, True
         elif cfg.bf16.enabled:
             param = torch.bfloat16
-            # DeepSpeed's stage-0 BF16 optimizer accumulates in fp32. That buffer only changes results
-            # when something accumulates in it (several micro-batches) or it is reduced in fp32; with
-            # neither, bf16 buffers give the same numbers with half the memory and no extra copies.
+            # An fp32 buffer only changes results when something accumulates in it (several
+            # micro-batches) or it is reduced in fp32; otherwise bf16 buffers give the same numbers
+            # with half the memory and no extra copies (and match DeepSpeed's stage 0).
             accumulates = cfg.gradient_accumulation_steps > 1 or cfg.communication_data_type == "fp32"
             grad = torch.float32 if cfg.zero_optimization.stage == 0 and accumulates else torch.bfloat16
             check = bool(getattr(cfg.bf16, "check_grad_overflow", False))

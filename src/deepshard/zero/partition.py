@@ -50,11 +50,17 @@ class ZeroPartition:
         return self.reducer.full_grads()
 
     def global_norm(self) -> float:
-        """L2 norm of all reduced gradients (fp32 accumulation); one tiny all-reduce when they are sharded."""
+        """L2 norm of all reduced gradients; one tiny all-reduce when they are sharded.
+
+        fp16 gradients are up-cast (a scaled fp16 norm easily exceeds fp16's range); bf16 and fp32
+        use the native kernel, which accumulates in fp32 without copying the buffers (the bf16
+        result carries bf16's ~1e-3 relative precision, plenty for clipping and overflow checks).
+        """
         flats = self.reducer.flat_grads()
         if flats:
-            norms = torch._foreach_norm(flats, 2.0, dtype=torch.float32)
-            sumsq = torch.stack(list(norms)).square().sum()
+            upcast = torch.float32 if flats[0].dtype == torch.float16 else None
+            norms = torch._foreach_norm(flats, 2.0, dtype=upcast)
+            sumsq = torch.stack([n.float() for n in norms]).square().sum()
         else:
             sumsq = torch.zeros((), dtype=torch.float32)
         if self.stage.shard_gradients and self.world > 1:

@@ -1,0 +1,228 @@
+"""One rank of one data-parallel training benchmark job (launched by ``bench_dp.py`` through torchrun).
+
+Every contender trains the same GPT on the same token batches with the same optimizer (AdamW,
+lr 1e-4, weight decay 0.01, no gradient clipping), so that they do the same work per step:
+
+* ``deepshard``: ``deepshard.initialize`` with a stage-0 ds_config (AdamW from the config);
+* ``deepspeed``: ``deepspeed.initialize`` with the *same* ds_config;
+* ``ddp``: ``torch.nn.parallel.DistributedDataParallel`` (``gradient_as_bucket_view=True``) and
+  ``torch.optim.AdamW(fused=True)``; bf16 is autocast with fp32 parameters, the stock recipe.
+
+After ``--warmup`` untimed steps, ``--steps`` steps are timed between two barriers. Rank 0 writes one
+JSON file with the global tokens/s, per-phase times (forward / backward incl. gradient reduction /
+optimizer step, each rank's own clock) and, per rank, its pid (so the driver can map its outside RSS
+samples to ranks) and its ``ru_maxrss``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from deepshard.testing.models import GPT, PRESETS
+from deepshard.testing.parity import make_token_batches, rank_slice
+
+LR = 1e-4
+WEIGHT_DECAY = 0.01
+
+
+def ds_config(dtype: str, micro_batch: int, world: int) -> dict[str, Any]:
+    """The ds_config shared by deepshard and DeepSpeed (stage 0, AdamW from the config, no clipping)."""
+    return {
+        "train_batch_size": micro_batch * world,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "steps_per_print": 1_000_000,
+        "zero_optimization": {"stage": 0},
+        "bf16": {"enabled": dtype == "bf16"},
+        "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WEIGHT_DECAY}},
+    }
+
+
+class _Contender:
+    """``forward``/``backward``/``step`` of one implementation, so that the timing loop is shared."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def backward(self, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+
+class _Engine(_Contender):
+    """deepshard and DeepSpeed share DeepSpeed's engine API."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.engine(x, y)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+
+class _DDP(_Contender):
+    def __init__(self, model: torch.nn.Module, dtype: str) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.model = DistributedDataParallel(model, gradient_as_bucket_view=True)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
+        self.autocast = dtype == "bf16"
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        with ctx:
+            return self.model(x, y)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = (
+            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
+    return out
+
+
+def build(
+    impl: str,
+    dtype: str,
+    model: torch.nn.Module,
+    micro_batch: int,
+    world: int,
+    extra: dict[str, Any] | None = None,
+) -> _Contender:
+    config = _merge(ds_config(dtype, micro_batch, world), extra or {})
+    if impl == "deepshard":
+        import deepshard
+
+        engine, _, _, _ = deepshard.initialize(
+            model=model, model_parameters=model.parameters(), config=config
+        )
+        return _Engine(engine)
+    if impl == "deepspeed":
+        import deepspeed
+
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=config
+        )
+        return _Engine(engine)
+    if impl == "ddp":
+        return _DDP(model, dtype)
+    raise ValueError(f"unknown --impl {impl!r}; expected deepshard, deepspeed or ddp")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--impl", required=True, choices=["deepshard", "ddp", "deepspeed"])
+    parser.add_argument("--dtype", required=True, choices=["fp32", "bf16"])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    parser.add_argument("--out", required=True, help="JSON file that rank 0 writes")
+    parser.add_argument(
+        "--extra-config",
+        default="{}",
+        help="JSON merged into the ds_config of deepshard and DeepSpeed (not DDP)",
+    )
+    args = parser.parse_args()
+
+    if args.impl == "deepspeed":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    else:
+        dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    cfg = PRESETS[args.preset]
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    contender = build(args.impl, args.dtype, model, args.micro_batch, world, json.loads(args.extra_config))
+    batches = [
+        rank_slice(b, rank, world)
+        for b in make_token_batches(
+            cfg.vocab_size, cfg.seq_len, args.micro_batch * world, args.warmup + args.steps
+        )
+    ]
+
+    phases: dict[str, list[float]] = {"forward": [], "backward": [], "step": []}
+    step_s: list[float] = []
+    losses = []
+    start = 0.0
+    for i, (x, y) in enumerate(batches):
+        if i == args.warmup:
+            dist.barrier()
+            start = time.perf_counter()
+        t0 = time.perf_counter()
+        loss = contender.forward(x, y)
+        t1 = time.perf_counter()
+        contender.backward(loss)
+        t2 = time.perf_counter()
+        contender.step()
+        t3 = time.perf_counter()
+        if i >= args.warmup:
+            phases["forward"].append(t1 - t0)
+            phases["backward"].append(t2 - t1)
+            phases["step"].append(t3 - t2)
+            step_s.append(t3 - t0)
+        losses.append(float(loss.detach()))
+    dist.barrier()
+    elapsed = time.perf_counter() - start
+
+    mine = {
+        "rank": rank,
+        "pid": os.getpid(),
+        "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "phase_median_ms": {k: 1000 * statistics.median(v) for k, v in phases.items()},
+        "step_ms": [1000 * t for t in step_s],
+    }
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    if rank == 0:
+        tokens = args.steps * args.micro_batch * world * cfg.seq_len
+        result = {
+            "impl": args.impl,
+            "dtype": args.dtype,
+            "world": world,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "elapsed_s": elapsed,
+            "tokens_per_s": tokens / elapsed,
+            "first_loss": losses[0],
+            "last_loss": losses[-1],
+            "ranks": gathered,
+        }
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

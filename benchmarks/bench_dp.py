@@ -1,0 +1,340 @@
+"""Data-parallel (stage 0) throughput and memory: deepshard vs torch DDP vs DeepSpeed, in one run.
+
+Each contender trains the benchmark GPT (``PRESETS["small"]``: 6 layers, d_model 512, vocab 8192,
+seq 128, ~23M parameters) with micro-batch 4 on 2 ranks over gloo, one thread per rank. Every job is a
+fresh ``torchrun --standalone --nproc_per_node 2`` of ``_worker.py``; the contenders alternate
+(A B C A B C ...) so that the machine's drift hits all of them alike, and what is reported is the
+median over rounds of the *per-round* ratios deepshard / peer. While a job runs this driver samples
+the resident set size of every rank from outside (psutil, every 0.2 s) and keeps each rank's peak.
+
+    python benchmarks/bench_dp.py                     # fp32 and bf16, 5 rounds, 10 warmup + 20 timed steps
+    python benchmarks/bench_dp.py --quick             # smoke run: 1 round, 2 warmup + 3 timed steps
+
+DeepSpeed is optional: without it (``DS_BUILD_OPS=0 pip install deepspeed``) the driver says so and
+compares with DDP only. Its first run JIT-compiles its CPU fused Adam (minutes); the driver runs one
+untimed DeepSpeed job first so that no timed job pays for it, and deletes the shared-memory segments
+(``/dev/shm/deepspeed_allreduce_buffer_*``) that DeepSpeed's CPU communication leaves behind.
+Results: ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "_worker.py"
+IMPLS = ("deepshard", "ddp", "deepspeed")
+PEERS = ("ddp", "deepspeed")
+SHM_GLOB = "/dev/shm/deepspeed_allreduce_buffer_*"
+POLL_S = 0.2
+
+
+def clean_shm() -> int:
+    """Delete the shared-memory segments DeepSpeed's CPU all-reduce leaves behind; return how many."""
+    removed = 0
+    for path in glob.glob(SHM_GLOB):
+        try:
+            os.unlink(path)
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def run_job(
+    impl: str, dtype: str, steps: int, warmup: int, nproc: int, log: Path, extra_config: str = "{}"
+) -> dict[str, Any]:
+    """Run one torchrun job; return the worker's JSON plus each rank's peak RSS sampled from outside."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = Path(f.name)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        str(WORKER), "--impl", impl, "--dtype", dtype, "--steps", str(steps), "--warmup", str(warmup),
+        "--out", str(out), "--extra-config", extra_config,
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    peak: dict[int, int] = {}
+    start = time.perf_counter()
+    with open(log, "w") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+        agent = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                children = agent.children(recursive=True)
+            except psutil.Error:
+                children = []
+            for child in children:
+                try:
+                    rss = child.memory_info().rss
+                except psutil.Error:
+                    continue
+                peak[child.pid] = max(peak.get(child.pid, 0), rss)
+            time.sleep(POLL_S)
+    wall = time.perf_counter() - start
+    if impl == "deepspeed":
+        clean_shm()
+    if proc.returncode != 0 or out.stat().st_size == 0:
+        out.unlink(missing_ok=True)
+        tail = log.read_text().splitlines()[-30:]
+        raise RuntimeError(
+            f"{impl}/{dtype} job failed (exit {proc.returncode}); log {log}:\n" + "\n".join(tail)
+        )
+    result = json.loads(out.read_text())
+    out.unlink()
+    for rank in result["ranks"]:
+        rank["outside_peak_rss_mib"] = peak.get(rank["pid"], 0) / 2**20
+    result["job_wall_s"] = wall
+    return result
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def steady_tokens_per_s(result: dict[str, Any]) -> float:
+    """Tokens/s at the median step time (a step lasts as long as its slowest rank): robust to bursts."""
+    steps = [max(times) for times in zip(*(rank["step_ms"] for rank in result["ranks"]))]
+    tokens_per_step = result["tokens_per_s"] * result["elapsed_s"] / result["steps"]
+    return tokens_per_step / (_median(steps) / 1000)
+
+
+METRICS = {
+    "tokens_per_s": lambda r: r["tokens_per_s"],
+    "steady_tokens_per_s": steady_tokens_per_s,
+}
+
+
+def _contender(mine: list[dict[str, Any]]) -> dict[str, Any]:
+    world = mine[0]["world"]
+    out: dict[str, Any] = {}
+    for name, metric in METRICS.items():
+        values = [metric(r) for r in mine]
+        out[name] = {"values": values, "median": _median(values)}
+    out["outside_peak_rss_mib"] = [
+        _median([r["ranks"][i]["outside_peak_rss_mib"] for r in mine]) for i in range(world)
+    ]
+    out["ru_maxrss_mib"] = [_median([r["ranks"][i]["ru_maxrss_mib"] for r in mine]) for i in range(world)]
+    out["phase_median_ms"] = {
+        ph: _median([_median([rk["phase_median_ms"][ph] for rk in r["ranks"]]) for r in mine])
+        for ph in ("forward", "backward", "step")
+    }
+    out["last_loss"] = mine[-1]["last_loss"]
+    return out
+
+
+def summarise(results: list[dict[str, Any]], impls: list[str], dtypes: list[str]) -> dict[str, Any]:
+    """Per dtype: per-contender medians, and per-round ratios deepshard / peer with median and range.
+
+    The "faster peer" is the peer with the higher median tokens/s over the whole run; deepshard is
+    compared with it round by round. (Taking the per-round maximum of two noisy peers instead would
+    bias the ratio below 1 even between equally fast contenders.)
+    """
+    summary: dict[str, Any] = {}
+    for dtype in dtypes:
+        rows = [r for r in results if r["dtype"] == dtype]
+        rounds = sorted({r["round"] for r in rows})
+        by = {(r["round"], r["impl"]): r for r in rows}
+        contenders = {
+            impl: _contender([by[(k, impl)] for k in rounds if (k, impl) in by])
+            for impl in impls
+            if any((k, impl) in by for k in rounds)
+        }
+        peers = [p for p in PEERS if p in contenders]
+        ratios: dict[str, dict[str, Any]] = {}
+        if "deepshard" in contenders and peers:
+            faster = max(peers, key=lambda p: contenders[p]["tokens_per_s"]["median"])
+            for name, metric in METRICS.items():
+                for peer in peers:
+                    vals = [
+                        metric(by[(k, "deepshard")]) / metric(by[(k, peer)])
+                        for k in rounds
+                        if (k, "deepshard") in by and (k, peer) in by
+                    ]
+                    label = f"{peer} (faster peer)" if peer == faster else peer
+                    ratios[f"{name}:{label}"] = {
+                        "metric": name,
+                        "peer": label,
+                        "values": vals,
+                        "median": _median(vals),
+                        "min": min(vals),
+                        "max": max(vals),
+                    }
+        summary[dtype] = {"contenders": contenders, "ratios": ratios}
+    return summary
+
+
+def format_tables(summary: dict[str, Any]) -> str:
+    """Markdown tables: one per dtype for the contenders, then the ratios."""
+    lines = []
+    for dtype, s in summary.items():
+        lines += [
+            f"### {dtype}",
+            "",
+            "| contender | tokens/s: median (per round) | steady tokens/s: median | peak RSS per rank, "
+            "outside (MiB) | ru_maxrss per rank (MiB) | fwd / bwd+reduce / step (ms) | last loss |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for impl, c in s["contenders"].items():
+            tps = c["tokens_per_s"]
+            per_round = ", ".join(f"{v:.0f}" for v in tps["values"])
+            rss = " / ".join(f"{v:.0f}" for v in c["outside_peak_rss_mib"])
+            maxrss = " / ".join(f"{v:.0f}" for v in c["ru_maxrss_mib"])
+            ph = c["phase_median_ms"]
+            lines.append(
+                f"| {impl} | {tps['median']:.0f} ({per_round}) | {c['steady_tokens_per_s']['median']:.0f} "
+                f"| {rss} | {maxrss} | {ph['forward']:.0f} / {ph['backward']:.0f} / {ph['step']:.0f} "
+                f"| {c['last_loss']:.4f} |"
+            )
+        lines += ["", "| ratio | metric | median | range | per round |", "|---|---|---|---|---|"]
+        for r in s["ratios"].values():
+            per_round = ", ".join(f"{v:.3f}" for v in r["values"])
+            metric = "tokens/s" if r["metric"] == "tokens_per_s" else "steady tokens/s"
+            lines.append(
+                f"| deepshard / {r['peer']} | {metric} | **{r['median']:.3f}** | {r['min']:.3f} – {r['max']:.3f} "
+                f"| {per_round} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def environment() -> dict[str, Any]:
+    """What produced the numbers: versions, where deepshard was imported from, its git commit, the CPU."""
+    probe = (
+        "import json, torch, deepshard; d = {'torch': torch.__version__, 'deepshard_file': deepshard.__file__}\n"
+        "try:\n import deepspeed; d['deepspeed'] = deepspeed.__version__\nexcept ImportError:\n pass\n"
+        "print(json.dumps(d))"
+    )
+    env: dict[str, Any] = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+        ).stdout.splitlines()[-1]
+    )
+    src = Path(env["deepshard_file"]).parent
+    git = subprocess.run(
+        ["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    dirty = subprocess.run(
+        ["git", "-C", str(src), "status", "--porcelain", "--", "."], capture_output=True, text=True
+    )
+    env["deepshard_commit"] = (git.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")) or "unknown"
+    env["python"] = platform.python_version()
+    env["cpu"] = _cpu_name()
+    env["cpus"] = os.cpu_count()
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated, from fp32,bf16")
+    parser.add_argument(
+        "--impls", default=",".join(IMPLS), help="comma-separated contenders, in launch order"
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="times each contender runs (A B C, A B C, ...)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per job")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps per job before timing")
+    parser.add_argument("--nproc", type=int, default=2, help="ranks per job")
+    parser.add_argument(
+        "--extra-config",
+        default="{}",
+        help="JSON merged into the ds_config that deepshard and DeepSpeed share, e.g. "
+        '\'{"communication_data_type": "fp32"}\' (DDP has no ds_config)',
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 2 warmup + 3 timed steps")
+    parser.add_argument("--out-dir", default=None, help="logs and results.json (default: a new temp dir)")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.steps, args.warmup = 1, 3, 2
+
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    impls = [i for i in args.impls.split(",") if i]
+    for name in dtypes:
+        if name not in ("fp32", "bf16"):
+            parser.error(f"--dtypes: unknown dtype {name!r}; choose from fp32, bf16")
+    for name in impls:
+        if name not in IMPLS:
+            parser.error(f"--impls: unknown contender {name!r}; choose from {', '.join(IMPLS)}")
+    if "deepspeed" in impls and importlib.util.find_spec("deepspeed") is None:
+        print(
+            "DeepSpeed is not installed: skipping it (install with `DS_BUILD_OPS=0 pip install deepspeed` "
+            "to compare against it).",
+            flush=True,
+        )
+        impls.remove("deepspeed")
+    out_dir = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="bench_dp_"))
+    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+
+    env = environment()
+    print(f"environment: {json.dumps(env)}", flush=True)
+    print(
+        f"contenders {impls}, dtypes {dtypes}, {args.rounds} rounds, {args.warmup} warmup + {args.steps} timed "
+        f"steps, {args.nproc} ranks, extra config {args.extra_config}, logs in {out_dir}",
+        flush=True,
+    )
+    if clean_shm():
+        print(f"removed stale {SHM_GLOB}", flush=True)
+    if "deepspeed" in impls:
+        print("untimed DeepSpeed job first (compiles its CPU ops on the first run ever) ...", flush=True)
+        t0 = time.perf_counter()
+        run_job(
+            "deepspeed",
+            dtypes[0],
+            1,
+            1,
+            args.nproc,
+            out_dir / "logs" / "deepspeed_prepare.log",
+            args.extra_config,
+        )
+        print(f"  done in {time.perf_counter() - t0:.0f}s", flush=True)
+
+    results: list[dict[str, Any]] = []
+    for k in range(args.rounds):
+        for dtype in dtypes:
+            for impl in impls:
+                log = out_dir / "logs" / f"r{k}_{dtype}_{impl}.log"
+                r = run_job(impl, dtype, args.steps, args.warmup, args.nproc, log, args.extra_config)
+                r["round"] = k
+                results.append(r)
+                rss = "/".join(f"{rk['outside_peak_rss_mib']:.0f}" for rk in r["ranks"])
+                print(
+                    f"round {k} {dtype:>4} {impl:>9}: {r['tokens_per_s']:7.0f} tokens/s "
+                    f"(steady {steady_tokens_per_s(r):5.0f})  "
+                    f"peak RSS {rss} MiB  (job {r['job_wall_s']:.0f}s)",
+                    flush=True,
+                )
+
+    summary = summarise(results, impls, dtypes)
+    report = {"environment": env, "args": vars(args), "results": results, "summary": summary}
+    (out_dir / "results.json").write_text(json.dumps(report, indent=1))
+    print()
+    print(format_tables(summary))
+    print(f"raw results: {out_dir / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
