@@ -7,6 +7,7 @@ accelerator, whose stream and pinned-memory calls are no-ops, so the code above 
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 from typing import Any
@@ -15,22 +16,22 @@ import psutil
 import torch
 
 
-class Accelerator:
+class Accelerator(abc.ABC):
     """Common interface; :class:`CpuAccelerator` and :class:`CudaAccelerator` implement it."""
 
     name: str = "abstract"
 
+    @abc.abstractmethod
     def device_name(self, index: int | None = None) -> str:
         """The torch device string, e.g. ``"cuda:1"`` or ``"cpu"``."""
-        raise NotImplementedError
 
     def device(self, index: int | None = None) -> torch.device:
         """The ``torch.device`` for ``index`` (the current device when ``None``)."""
         return torch.device(self.device_name(index))
 
+    @abc.abstractmethod
     def current_device(self) -> int:
         """Index of the device this process uses."""
-        raise NotImplementedError
 
     def current_device_name(self) -> str:
         """The torch device string of the device this process uses."""
@@ -38,21 +39,23 @@ class Accelerator:
 
     def set_device(self, index: int) -> None:
         """Select the device this process uses."""
+        return None  # no-op by default: devices without the notion keep it
 
+    @abc.abstractmethod
     def device_count(self) -> int:
         """How many devices of this kind the machine has."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def is_available(self) -> bool:
         """Whether this device kind can be used."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def communication_backend_name(self) -> str:
         """The ``torch.distributed`` backend for this device kind."""
-        raise NotImplementedError
 
     def synchronize(self) -> None:
         """Wait for all queued work on the current device."""
+        return None  # no-op by default: devices without the notion keep it
 
     def stream(self, stream: Any) -> contextlib.AbstractContextManager[Any]:
         """Context manager running the enclosed work on ``stream`` (no-op without streams)."""
@@ -80,14 +83,15 @@ class Accelerator:
 
     def empty_cache(self) -> None:
         """Return cached device memory to the system where the device caches it."""
+        return None  # no-op by default: devices without the notion keep it
 
+    @abc.abstractmethod
     def memory_allocated(self) -> int:
         """Bytes currently allocated on the device by this process."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def max_memory_allocated(self) -> int:
         """Peak bytes allocated on the device by this process."""
-        raise NotImplementedError
 
     def on_accelerator(self, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` lives on this device kind."""

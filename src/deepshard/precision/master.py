@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 
-def _rows(tensor: torch.Tensor) -> torch.Tensor:
+def as_rows(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` as ``(rows, *rest)`` with a 0-d tensor seen as one row."""
     return tensor.view(1) if tensor.dim() == 0 else tensor
 
@@ -42,7 +42,7 @@ class MasterWeights:
         self.ranges: list[tuple[int, int] | None] = [row_range(p) if row_range else None for p in self.params]
         self.masters: list[torch.Tensor] = []
         for p, rows in zip(self.params, self.ranges):
-            local = p.detach() if rows is None else _rows(p.detach())[rows[0] : rows[1]]
+            local = p.detach() if rows is None else as_rows(p.detach())[rows[0] : rows[1]]
             if needs_fp32_copy:
                 self.masters.append(torch.nn.Parameter(local.to(torch.float32).clone(), requires_grad=p.requires_grad))
             elif rows is None:
@@ -92,7 +92,7 @@ class MasterWeights:
                 m.grad = None
                 continue
             if rows is not None and grad.shape != m.shape:
-                grad = _rows(grad)[rows[0] : rows[1]]
+                grad = as_rows(grad)[rows[0] : rows[1]]
             m.grad = grad if grad.dtype == torch.float32 else grad.to(torch.float32)
 
     def release_grads(self) -> None:
@@ -113,7 +113,7 @@ class MasterWeights:
         if not self.needs_fp32_copy:
             return
         for p, m, rows in zip(self.params, self.masters, self.ranges):
-            m.copy_(p if rows is None else _rows(p)[rows[0] : rows[1]])
+            m.copy_(p if rows is None else as_rows(p)[rows[0] : rows[1]])
 
     @property
     def nbytes(self) -> int:

@@ -60,18 +60,6 @@ class MemoryBreakdown:
         return self.parameters + self.gradients + self.master_weights + self.optimizer_states
 
 
-def _unique_params(params: Iterable[Any]) -> list[torch.nn.Parameter]:
-    seen: set[int] = set()
-    out = []
-    for item in params:
-        group = item["params"] if isinstance(item, dict) else [item]
-        for p in group:
-            if id(p) not in seen:
-                seen.add(id(p))
-                out.append(p)
-    return out
-
-
 class DeepShardEngine(torch.nn.Module):
     """Wraps a model for data-parallel training; built by :func:`deepshard.initialize`."""
 

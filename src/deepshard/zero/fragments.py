@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from deepshard import comm
+from deepshard.precision.master import as_rows
 from deepshard.zero.layout import ShardSpec
 
 # id(param) -> (weak param, weak partition): entries never keep an engine's state alive.
@@ -44,12 +45,8 @@ def _partition_of(param: torch.Tensor) -> Any:
     return partition
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(1) if t.dim() == 0 else t
-
-
 def _gather_rows(local: torch.Tensor, shape: torch.Size, partition: Any) -> torch.Tensor:
-    """Whole tensor of ``shape`` from every rank's dim-0 rows (fp32)."""
+    """Whole fp32 tensor of ``shape`` from every rank's dim-0 rows."""
     local = local.detach().to(torch.float32)
     if not partition.stage.shard_optimizer or partition.world == 1:
         return local.reshape(shape).clone()
@@ -61,21 +58,20 @@ def _gather_rows(local: torch.Tensor, shape: torch.Size, partition: Any) -> torc
     return full.view(spec.shard_rows * partition.world, spec.row_numel)[: spec.rows].reshape(shape).clone()
 
 
-def _my_rows(full: torch.Tensor, param: torch.Tensor, partition: Any) -> torch.Tensor:
-    if full.shape != param.shape:
-        raise ValueError(f"value has shape {tuple(full.shape)} but the parameter has shape {tuple(param.shape)}")
+def _my_rows(whole: torch.Tensor, param: torch.Tensor, partition: Any) -> torch.Tensor:
+    """This rank's rows of a whole-shaped tensor (the tensor itself when nothing is sharded)."""
+    if whole.shape != param.shape:
+        raise ValueError(f"value has shape {tuple(whole.shape)} but the parameter has shape {tuple(param.shape)}")
     if not partition.stage.shard_optimizer:
-        return full
+        return whole
     start, end = ShardSpec(param.shape, partition.world).row_range(partition.rank)
-    return _rows(full)[start:end]
+    return as_rows(whole)[start:end]
 
 
 def _local_grad(param: torch.Tensor, partition: Any) -> torch.Tensor | None:
+    """This rank's rows of the reduced gradient (already a shard at stage 2)."""
     grad = partition.reduced_grads().get(id(param))
-    if grad is None or grad.shape != param.shape or not partition.stage.shard_optimizer:
-        return grad
-    start, end = ShardSpec(param.shape, partition.world).row_range(partition.rank)
-    return _rows(grad)[start:end]
+    return grad if grad is None or grad.shape != param.shape else _my_rows(grad, param, partition)
 
 
 # ---------------------------------------------------------------- full (collective)

@@ -25,6 +25,7 @@ meaning: no communication runs concurrently with backward).
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -83,7 +84,7 @@ class _Bucket:
         self.out: torch.Tensor | None = None  # reduce-scatter output
 
 
-class _BucketedReducer:
+class _BucketedReducer(abc.ABC):
     """Hook registration, bucket order and launch discipline shared by both reducers."""
 
     def __init__(
@@ -107,14 +108,17 @@ class _BucketedReducer:
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in ordered]
 
     # subclasses: what a fresh gradient does, how a bucket goes on the wire, how it lands
+    @abc.abstractmethod
     def _absorb(self, b: int, slot: int, param: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Take ``param.grad`` (just accumulated) into bucket ``b``'s buffer at ``slot``."""
 
+    @abc.abstractmethod
     def _start(self, b: int) -> None:
-        raise NotImplementedError
+        """Launch bucket ``b``'s collective."""
 
+    @abc.abstractmethod
     def _land(self, b: int) -> None:
-        raise NotImplementedError
+        """Wait for bucket ``b``'s collective and average its result (idempotent)."""
 
     def begin_backward(self, reduce: bool) -> None:
         """Arm the hooks for one backward; ``reduce``: launch collectives as buckets fill."""

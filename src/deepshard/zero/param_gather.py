@@ -37,7 +37,8 @@ class ParamGatherer:
         """Write every rank's updated masters into the whole parameters on every rank."""
         for members, layout in zip(self.buckets, self.layouts):
             dtype, device = members[0].dtype, members[0].device
-            segment = torch.zeros(layout.segment_numel, dtype=dtype, device=device)
+            # padding rows go over the wire but are never copied out, so they need no zeroing
+            segment = torch.empty(layout.segment_numel, dtype=dtype, device=device)
             for slot, p in enumerate(members):
                 layout.segment_view(segment, slot, self.rank).copy_(masters.master_of(p).reshape(layout.specs[slot].local_shape(self.rank)))
             if self.world == 1:
