@@ -1,7 +1,7 @@
-"""Data-parallel (stage 0) throughput and memory: deepshard vs torch DDP vs DeepSpeed, in one run.
+"""Data-parallel throughput and memory: deepshard vs torch DDP vs DeepSpeed, in one run.
 
-Each contender trains the benchmark GPT (``PRESETS["small"]``: 6 layers, d_model 512, vocab 8192,
-seq 128, ~23M parameters) with micro-batch 4 on 2 ranks over gloo, one thread per rank. Every job is a
+Each contender trains the benchmark GPT (``--preset small``: 6 layers, d_model 512, vocab 8192, seq 128,
+~23M parameters; ``--preset medium``: GPT-2 small's shape, ~124M) with micro-batch 4 on 2 ranks over gloo, one thread per rank. Every job is a
 fresh ``torchrun --standalone --nproc_per_node 2`` of ``_worker.py``; the contenders alternate
 (A B C A B C ...) so that the machine's drift hits all of them alike, and what is reported is the
 median over rounds of the *per-round* ratios deepshard / peer. While a job runs this driver samples
@@ -9,6 +9,7 @@ the resident set size of every rank from outside (psutil, every 0.2 s) and keeps
 
     python benchmarks/bench_dp.py                     # fp32 and bf16, 5 rounds, 10 warmup + 20 timed steps
     python benchmarks/bench_dp.py --quick             # smoke run: 1 round, 2 warmup + 3 timed steps
+    python benchmarks/bench_dp.py --stage 2 --preset medium   # ZeRO-2 (deepshard and DeepSpeed) vs DDP
 
 DeepSpeed is optional: without it (``DS_BUILD_OPS=0 pip install deepspeed``) the driver says so and
 compares with DDP only. Its first run JIT-compiles its CPU fused Adam (minutes); the driver runs one
@@ -56,7 +57,14 @@ def clean_shm() -> int:
 
 
 def run_job(
-    impl: str, dtype: str, steps: int, warmup: int, nproc: int, log: Path, extra_config: str = "{}"
+    impl: str,
+    dtype: str,
+    steps: int,
+    warmup: int,
+    nproc: int,
+    log: Path,
+    extra_config: str = "{}",
+    preset: str = "small",
 ) -> dict[str, Any]:
     """Run one torchrun job; return the worker's JSON plus each rank's peak RSS sampled from outside."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
@@ -64,7 +72,7 @@ def run_job(
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
         str(WORKER), "--impl", impl, "--dtype", dtype, "--steps", str(steps), "--warmup", str(warmup),
-        "--out", str(out), "--extra-config", extra_config,
+        "--out", str(out), "--extra-config", extra_config, "--preset", preset,
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     peak: dict[int, int] = {}
@@ -265,11 +273,22 @@ def main() -> None:
         help="JSON merged into the ds_config that deepshard and DeepSpeed share, e.g. "
         '\'{"communication_data_type": "fp32"}\' (DDP has no ds_config)',
     )
+    parser.add_argument("--preset", default="small", help="GPT preset: small (~23M) or medium (~124M, GPT-2 small)")
+    parser.add_argument(
+        "--stage",
+        type=int,
+        default=None,
+        help="ZeRO stage for deepshard and DeepSpeed (sets zero_optimization.stage in the shared config)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 2 warmup + 3 timed steps")
     parser.add_argument("--out-dir", default=None, help="logs and results.json (default: a new temp dir)")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.steps, args.warmup = 1, 3, 2
+    if args.stage is not None:
+        extra = json.loads(args.extra_config)
+        extra.setdefault("zero_optimization", {})["stage"] = args.stage
+        args.extra_config = json.dumps(extra)
 
     dtypes = [d for d in args.dtypes.split(",") if d]
     impls = [i for i in args.impls.split(",") if i]
@@ -292,7 +311,7 @@ def main() -> None:
     env = environment()
     print(f"environment: {json.dumps(env)}", flush=True)
     print(
-        f"contenders {impls}, dtypes {dtypes}, {args.rounds} rounds, {args.warmup} warmup + {args.steps} timed "
+        f"preset {args.preset}: contenders {impls}, dtypes {dtypes}, {args.rounds} rounds, {args.warmup} warmup + {args.steps} timed "
         f"steps, {args.nproc} ranks, extra config {args.extra_config}, logs in {out_dir}",
         flush=True,
     )
@@ -309,6 +328,7 @@ def main() -> None:
             args.nproc,
             out_dir / "logs" / "deepspeed_prepare.log",
             args.extra_config,
+            args.preset,
         )
         print(f"  done in {time.perf_counter() - t0:.0f}s", flush=True)
 
@@ -317,7 +337,9 @@ def main() -> None:
         for dtype in dtypes:
             for impl in impls:
                 log = out_dir / "logs" / f"r{k}_{dtype}_{impl}.log"
-                r = run_job(impl, dtype, args.steps, args.warmup, args.nproc, log, args.extra_config)
+                r = run_job(
+                    impl, dtype, args.steps, args.warmup, args.nproc, log, args.extra_config, args.preset
+                )
                 r["round"] = k
                 results.append(r)
                 rss = "/".join(f"{rk['outside_peak_rss_mib']:.0f}" for rk in r["ranks"])

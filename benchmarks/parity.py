@@ -3,7 +3,7 @@
     python benchmarks/parity.py            # stages 0-2, fp32 and bf16, world 2 and 4, 20 steps
 
 Each row: max relative difference of the 20 per-step losses, and the largest per-tensor relative
-difference (L2) of the final parameters, against the reference of tests/dist/engine_runs.py.
+difference (L2) of the final parameters, against the reference of tests/distributed/engine_runs.py.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ def params(engine) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("stage", [0, 1, 2])
 @pytest.mark.parametrize("precision", [None, "bf16", "fp16"], ids=["fp32", "bf16", "fp16"])
 def test_round_trip_resumes_bit_for_bit(precision, stage, tmp_path):
-    # one rank: stages 1-2 hold "shards" of every row (the distributed cases are in tests/dist)
+    # one rank: stages 1-2 hold "shards" of every row (the distributed cases are in tests/distributed)
     zero = {"zero_optimization": {"stage": stage}}
     engine = make_engine(precision, **zero)
     train(engine, BATCHES[:4])  # two optimizer steps of two micro-batches

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ReduceOp
 
+from deepshard.comm import host_collectives
 from deepshard.comm.discovery import RankInfo, discover, export_torch_env, has_torch_env
 from deepshard.utils.logging import logger
 
@@ -162,21 +163,43 @@ _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.redu
 
 
 def all_gather_into_tensor(output: torch.Tensor, tensor: torch.Tensor, group: Any = None, async_op: bool = False) -> Any:
-    """Gather equal-size shards into one flat ``output`` ordered by rank."""
+    """Gather equal-size shards into one flat ``output`` ordered by rank.
+
+    ``tensor`` may be this rank's chunk of ``output`` (in place). Host tensors on gloo take the faster
+    broadcast-based algorithm of :mod:`deepshard.comm.host_collectives`.
+    """
     if is_initialized():
+        if host_collectives.serves(output, group):
+            return host_collectives.all_gather(output, tensor, group=group, async_op=async_op)
         return _all_gather_flat(output, tensor, group=group, async_op=async_op)
     output.copy_(tensor.reshape(output.shape))
     return None
 
 
 def reduce_scatter_tensor(
-    output: torch.Tensor, tensor: torch.Tensor, op: Any = ReduceOp.SUM, group: Any = None, async_op: bool = False
+    output: torch.Tensor,
+    tensor: torch.Tensor,
+    op: Any = ReduceOp.SUM,
+    group: Any = None,
+    async_op: bool = False,
+    scratch: torch.Tensor | None = None,
 ) -> Any:
-    """Reduce ``tensor`` across ranks and keep this rank's equal-size chunk in ``output``."""
+    """Reduce ``tensor`` across ranks and keep this rank's equal-size chunk in ``output``.
+
+    Host tensors on gloo (``SUM``) take the all-to-all algorithm of
+    :mod:`deepshard.comm.host_collectives`, which uses ``scratch`` (``tensor``'s size) when given.
+    """
     if is_initialized():
+        if op == ReduceOp.SUM and host_collectives.serves(tensor, group):
+            return host_collectives.reduce_scatter(output, tensor, group=group, async_op=async_op, scratch=scratch)
         return _reduce_scatter_flat(output, tensor, op=op, group=group, async_op=async_op)
     output.copy_(tensor.reshape(output.shape))
     return None
+
+
+def reduce_scatter_needs_scratch(tensor: torch.Tensor, group: Any = None) -> bool:
+    """Whether :func:`reduce_scatter_tensor` of ``tensor`` would use a ``scratch`` buffer."""
+    return is_initialized() and host_collectives.serves(tensor, group)
 
 
 def all_to_all_single(output: torch.Tensor, tensor: torch.Tensor, group: Any = None, async_op: bool = False) -> Any:

@@ -61,6 +61,10 @@ class MasterWeights:
         """The tensor the optimizer updates for ``param``."""
         return self._by_param[id(param)]
 
+    def masters_of(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The masters of ``params``, in order."""
+        return [self._by_param[id(p)] for p in params]
+
     def adopt(self, optimizer: torch.optim.Optimizer) -> None:
         """Point ``optimizer`` at the masters instead of the module parameters."""
         if self.identity:

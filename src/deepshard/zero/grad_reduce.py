@@ -88,8 +88,13 @@ class _BucketedReducer(abc.ABC):
     """Hook registration, bucket order and launch discipline shared by both reducers."""
 
     def __init__(
-        self, params: Sequence[torch.nn.Parameter], grad_dtype: torch.dtype, bucket_elements: int, spec: ReduceSpec,
-        group: Any, overlap: bool,
+        self,
+        params: Sequence[torch.nn.Parameter],
+        grad_dtype: torch.dtype,
+        bucket_elements: int,
+        spec: ReduceSpec,
+        group: Any,
+        overlap: bool,
     ) -> None:
         ordered = list(reversed(unique_trainable(params)))
         self.overlap = overlap
@@ -97,7 +102,8 @@ class _BucketedReducer(abc.ABC):
         self.spec = spec
         self.group = group
         self.buckets = [
-            _Bucket([ordered[i] for i in idx]) for idx in plan_buckets([p.numel() for p in ordered], bucket_elements)
+            _Bucket([ordered[i] for i in idx])
+            for idx in plan_buckets([p.numel() for p in ordered], bucket_elements)
         ]
         self._where: dict[int, tuple[int, int]] = {}
         for b, bucket in enumerate(self.buckets):
@@ -169,11 +175,18 @@ class AllReduceGradReducer(_BucketedReducer):
     reduces_every_micro_step = False
 
     def __init__(
-        self, params: Sequence[torch.nn.Parameter], grad_dtype: torch.dtype, bucket_elements: int, spec: ReduceSpec,
-        group: Any = None, overlap: bool = True,
+        self,
+        params: Sequence[torch.nn.Parameter],
+        grad_dtype: torch.dtype,
+        bucket_elements: int,
+        spec: ReduceSpec,
+        group: Any = None,
+        overlap: bool = True,
     ) -> None:
         super().__init__(params, grad_dtype, bucket_elements, spec, group, overlap)
-        self.buffers = [FlatBuffer([p.shape for p in b.params], grad_dtype, b.params[0].device) for b in self.buckets]
+        self.buffers = [
+            FlatBuffer([p.shape for p in b.params], grad_dtype, b.params[0].device) for b in self.buckets
+        ]
         self.in_place = all(p.dtype == grad_dtype for b in self.buckets for p in b.params)
         self._bind_views()
 
@@ -219,7 +232,11 @@ class AllReduceGradReducer(_BucketedReducer):
 
     def full_grads(self) -> dict[int, torch.Tensor]:
         """``id(param) -> whole gradient`` for every parameter this reducer owns."""
-        return {id(p): v for bucket, buf in zip(self.buckets, self.buffers) for p, v in zip(bucket.params, buf.views)}
+        return {
+            id(p): v
+            for bucket, buf in zip(self.buckets, self.buffers)
+            for p, v in zip(bucket.params, buf.views)
+        }
 
     def flat_grads(self) -> list[torch.Tensor]:
         """The flat gradient tensors, one per bucket."""
@@ -237,43 +254,124 @@ class AllReduceGradReducer(_BucketedReducer):
         return sum(buf.nbytes for buf in self.buffers)
 
 
+class _Slot:
+    """One set of bucket-size communication buffers: the rank-major input, the all-to-all scratch
+    (host/gloo only) and this rank's reduced chunk."""
+
+    def __init__(
+        self,
+        numel: int,
+        segment_numel: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        scratch: bool,
+        pooled: bool,
+    ) -> None:
+        self.full = torch.empty(numel, dtype=dtype, device=device)
+        self.scratch = torch.empty(numel, dtype=dtype, device=device) if scratch else None
+        self.out = torch.empty(segment_numel, dtype=dtype, device=device)
+        self.pooled = pooled  # kept by the pool after use (else dropped)
+
+
 class ReduceScatterGradReducer(_BucketedReducer):
-    """Only this rank's gradient shards persist; buckets are reduce-scattered into them (stage 2)."""
+    """Only this rank's gradient shards persist; buckets are reduce-scattered into them (stage 2).
+
+    Fresh gradients are copied into a bucket-size communication buffer (DeepSpeed's
+    ``contiguous_gradients``) and freed at once. Buffers come from a small pool that is kept across
+    steps: two sets with ``overlap_comm`` (one fills while the other is on the wire), one without.
+    When every pooled set is busy, the oldest in-flight bucket is landed to free one; only when none is
+    in flight (several buckets filling at once, or ``no_sync``) is an extra set allocated, and it is
+    dropped after use. So the memory beyond the shards is bounded by the bucket size, not the model.
+    """
 
     reduces_every_micro_step = True
 
     def __init__(
-        self, params: Sequence[torch.nn.Parameter], grad_dtype: torch.dtype, bucket_elements: int, spec: ReduceSpec,
-        rank: int, group: Any = None, overlap: bool = True,
+        self,
+        params: Sequence[torch.nn.Parameter],
+        grad_dtype: torch.dtype,
+        bucket_elements: int,
+        spec: ReduceSpec,
+        rank: int,
+        group: Any = None,
+        overlap: bool = True,
     ) -> None:
         super().__init__(params, grad_dtype, bucket_elements, spec, group, overlap)
         self.rank = rank
         self.layouts = [BucketLayout([p.shape for p in b.params], spec.world_size) for b in self.buckets]
         device = self.buckets[0].params[0].device if self.buckets else torch.device("cpu")
-        self.shards = [torch.zeros(layout.segment_numel, dtype=grad_dtype, device=device) for layout in self.layouts]
-        self._full: list[torch.Tensor | None] = [None] * len(self.buckets)
+        self.device = device
+        self.shards = [
+            torch.zeros(layout.segment_numel, dtype=grad_dtype, device=device) for layout in self.layouts
+        ]
+        self._slot_numel = max((layout.full_numel for layout in self.layouts), default=0)
+        self._slot_segment = max((layout.segment_numel for layout in self.layouts), default=0)
+        probe = torch.empty(0, dtype=spec.reduce_dtype, device=device)
+        self._scratch = spec.world_size > 1 and comm.reduce_scatter_needs_scratch(probe, group)
+        self._keep = 2 if overlap else 1
+        self._free: list[_Slot] = []
+        self._kept = 0  # slots owned by the pool (free or lent)
+        self._slots: list[_Slot | None] = [None] * len(self.buckets)
+        self._written: list[list[bool]] = [[False] * len(b.params) for b in self.buckets]
+        self._in_flight: list[int] = []
+        self._stale = [False] * len(self.buckets)  # shard holds cleared values not yet overwritten
 
+    # ---------------------------------------------------------------- buffer pool
+    def _acquire(self) -> _Slot:
+        while not self._free and self._kept >= self._keep and self._in_flight:
+            self._land(self._in_flight[0])  # frees the oldest bucket's set
+        if self._free:
+            return self._free.pop()
+        pooled = self._kept < self._keep
+        self._kept += int(pooled)
+        return _Slot(
+            self._slot_numel, self._slot_segment, self.grad_dtype, self.device, self._scratch, pooled
+        )
+
+    def _release(self, slot: _Slot) -> None:
+        if slot.pooled:
+            self._free.append(slot)
+
+    def _full_view(self, b: int) -> torch.Tensor:
+        slot = self._slots[b]
+        if slot is None:
+            slot = self._acquire()
+            self._slots[b] = slot
+        return slot.full[: self.layouts[b].full_numel]
+
+    # ---------------------------------------------------------------- reducer hooks
     def _absorb(self, b: int, slot: int, param: torch.Tensor) -> None:
         assert param.grad is not None
-        full = self._full[b]
-        if full is None:
-            full = torch.zeros(self.layouts[b].full_numel, dtype=self.grad_dtype, device=param.grad.device)
-            self._full[b] = full
-        self.layouts[b].scatter_full(full, slot, param.grad, accumulate=True)
+        full = self._full_view(b)
+        self.layouts[b].scatter_full(full, slot, param.grad, accumulate=self._written[b][slot])
+        self._written[b][slot] = True
         param.grad = None
 
     def _start(self, b: int) -> None:
-        full = self._full[b]
-        if full is None:  # no member got a gradient on this rank: contribute zeros
-            full = torch.zeros(self.layouts[b].full_numel, dtype=self.grad_dtype, device=self.shards[b].device)
-        self._full[b] = None  # released as soon as the collective owns it
-        bucket = self.buckets[b]
+        layout, written = self.layouts[b], self._written[b]
+        full = self._full_view(b)
+        for index, seen in enumerate(written):
+            if not seen:  # no gradient on this rank: contribute zeros
+                layout.zero_member(full, index)
+        if layout.padded:
+            layout.zero_padding(full)
+        self._written[b] = [False] * len(written)
+        bucket, slot = self.buckets[b], self._slots[b]
+        assert slot is not None
         bucket.wire = self._wire(full)
         if self.spec.world_size == 1:
             bucket.out = bucket.wire
-            return
-        bucket.out = torch.empty(self.layouts[b].segment_numel, dtype=bucket.wire.dtype, device=full.device)
-        bucket.work = comm.reduce_scatter_tensor(bucket.out, bucket.wire, group=self.group, async_op=True)
+        else:
+            bucket.out = (
+                slot.out[: layout.segment_numel]
+                if bucket.wire.dtype == slot.out.dtype
+                else torch.empty(layout.segment_numel, dtype=bucket.wire.dtype, device=full.device)
+            )
+            scratch = slot.scratch if bucket.wire.dtype == self.grad_dtype else None
+            bucket.work = comm.reduce_scatter_tensor(
+                bucket.out, bucket.wire, group=self.group, async_op=True, scratch=scratch
+            )
+        self._in_flight.append(b)
 
     def _land(self, b: int) -> None:
         bucket = self.buckets[b]
@@ -285,11 +383,27 @@ class ReduceScatterGradReducer(_BucketedReducer):
         after = self.spec.after()
         if after != 1.0:
             out.mul_(after)
-        self.shards[b].add_(out)
+        if self._stale[b]:  # first reduction since zero(): overwrite instead of zero-then-add
+            self.shards[b].copy_(out)
+            self._stale[b] = False
+        else:
+            self.shards[b].add_(out)
         bucket.work = bucket.wire = bucket.out = None
+        self._in_flight.remove(b)
+        slot, self._slots[b] = self._slots[b], None
+        if slot is not None:
+            self._release(slot)
+
+    def _settle(self) -> None:
+        """Really zero shards that were cleared and not overwritten since (no backward reduced them)."""
+        for b, stale in enumerate(self._stale):
+            if stale:
+                self.shards[b].zero_()
+                self._stale[b] = False
 
     def shard_grads(self) -> dict[int, torch.Tensor]:
         """``id(param) -> this rank's (unpadded) gradient shard`` for every parameter."""
+        self._settle()
         return {
             id(p): layout.segment_view(shard, slot, self.rank)
             for bucket, layout, shard in zip(self.buckets, self.layouts, self.shards)
@@ -298,15 +412,25 @@ class ReduceScatterGradReducer(_BucketedReducer):
 
     def flat_grads(self) -> list[torch.Tensor]:
         """This rank's shard segments (padding is zero, so norms over them are exact)."""
+        self._settle()
         return list(self.shards)
 
     def zero(self) -> None:
-        """Clear the accumulated shards."""
-        for shard in self.shards:
-            shard.zero_()
+        """Clear the accumulated shards: lazily, the next reduction overwrites them (no memset per step)."""
+        self._stale = [True] * len(self.shards)
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by gradient shards and any bucket buffer still waiting for reduction."""
-        live = sum(f.numel() * f.element_size() for f in self._full if f is not None)
-        return sum(s.numel() * s.element_size() for s in self.shards) + live
+        """Bytes of gradients: this rank's shards, plus bucket buffers still holding unreduced gradients."""
+        held = sum(s.numel() * s.element_size() for s in self.shards)
+        return held + sum(
+            self.layouts[b].full_numel * self.shards[b].element_size()
+            for b, slot in enumerate(self._slots)
+            if slot is not None and b not in self._in_flight
+        )
+
+    @property
+    def buffer_nbytes(self) -> int:
+        """Bytes of the pooled communication buffers (bounded by the bucket size, not the model)."""
+        per_slot = self._slot_numel * (2 if self._scratch else 1) + self._slot_segment
+        return self._kept * per_slot * torch.empty((), dtype=self.grad_dtype).element_size()

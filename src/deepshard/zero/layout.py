@@ -100,6 +100,25 @@ class BucketLayout:
             else:
                 dst.copy_(part)
 
+    @property
+    def padded(self) -> bool:
+        """Whether any member's shards carry padding rows."""
+        return any(spec.shard_rows * self.world != spec.rows for spec in self.specs)
+
+    def zero_member(self, buffer: torch.Tensor, index: int) -> None:
+        """Zero member ``index`` (padding included) in every segment of the rank-major ``buffer``."""
+        self._columns(buffer, index).zero_()
+
+    def zero_padding(self, buffer: torch.Tensor) -> None:
+        """Zero the padding rows of every member in every segment of the rank-major ``buffer``."""
+        for index, spec in enumerate(self.specs):
+            if spec.shard_rows * self.world == spec.rows:
+                continue
+            cols = self._columns(buffer, index)
+            for rank in range(self.world):
+                start, end = spec.row_range(rank)
+                cols[rank, (end - start) * spec.row_numel :].zero_()
+
     def gather_full(self, buffer: torch.Tensor, index: int, full: torch.Tensor) -> None:
         """Copy member ``index``'s shards from the rank-major ``buffer`` into the full-size tensor."""
         spec = self.specs[index]

@@ -2,8 +2,13 @@
 
 After each rank steps the masters of its own dim-0 rows, every rank needs every parameter whole
 again. Parameters are packed into buckets of at most ``allgather_bucket_size`` elements; per bucket
-this rank casts its updated shards into one segment, a single ``all_gather_into_tensor`` fills the
-rank-major buffer, and each parameter copies its rows out. Peak extra memory: one bucket, whole.
+this rank casts its updated shards into its own segment of the rank-major buffer, one
+``all_gather_into_tensor`` (in place) fills the other segments, and the other ranks' rows are copied
+into the parameters. This rank's own rows go straight from the masters into the parameters (nothing
+to do when the fp32 masters are views of the parameters' rows).
+
+Two bucket buffers are kept across steps and alternate, so one bucket is on the wire while the
+previous one is unpacked. Peak extra memory: two buckets, whole.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import torch
 
 from deepshard import comm
 from deepshard.comm.bucketing import plan_buckets
-from deepshard.precision.master import MasterWeights
+from deepshard.comm.shm_window import HostWindow
+from deepshard.precision.master import MasterWeights, as_rows
 from deepshard.zero.layout import BucketLayout
 
 
@@ -29,22 +35,130 @@ class ParamGatherer:
         self.world = world
         self.group = group
         self.params = list(params)
-        self.buckets = [[self.params[i] for i in idx] for idx in plan_buckets([p.numel() for p in self.params], bucket_elements)]
+        self.buckets = [
+            [self.params[i] for i in idx]
+            for idx in plan_buckets([p.numel() for p in self.params], bucket_elements)
+        ]
         self.layouts = [BucketLayout([p.shape for p in members], world) for members in self.buckets]
+        self._buffers: list[torch.Tensor] = []
+        self._rows: list[list[list[torch.Tensor]]] = []
+        self._ptrs: list[int] = []
+        # ranks sharing one host exchange shards through shared memory (collective: all ranks build it)
+        segment_bytes = max(
+            (
+                layout.segment_numel * members[0].element_size()
+                for members, layout in zip(self.buckets, self.layouts)
+            ),
+            default=0,
+        )
+        self.window = HostWindow.create(group, segment_bytes, slots=2) if world > 1 else None
+
+    def _bind_rows(self) -> None:
+        """Per bucket and rank, views of the parameters' rows (rebuilt if a parameter's storage moved)."""
+        ptrs = [p.data_ptr() for p in self.params]
+        if ptrs == self._ptrs:
+            return
+        self._ptrs = ptrs
+        self._rows = []
+        for members, layout in zip(self.buckets, self.layouts):
+            per_rank = []
+            for q in range(self.world):
+                views = []
+                for p, spec in zip(members, layout.specs):
+                    start, end = spec.row_range(q)
+                    views.append(as_rows(p.data)[start:end])
+                per_rank.append(views)
+            self._rows.append(per_rank)
+
+    def _buffer(self, i: int, numel: int, like: torch.Tensor) -> torch.Tensor:
+        while len(self._buffers) <= i:
+            most = max(layout.full_numel for layout in self.layouts)
+            self._buffers.append(torch.empty(most, dtype=like.dtype, device=like.device))
+        return self._buffers[i][:numel]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the kept bucket buffers."""
+        return sum(b.numel() * b.element_size() for b in self._buffers)
 
     @torch.no_grad()
     def gather(self, masters: MasterWeights) -> None:
         """Write every rank's updated masters into the whole parameters on every rank."""
-        for members, layout in zip(self.buckets, self.layouts):
-            dtype, device = members[0].dtype, members[0].device
+        self._bind_rows()
+        own_needs_copy = masters.needs_fp32_copy
+        if self.world == 1:
+            if own_needs_copy and self.params:
+                torch._foreach_copy_(
+                    [r for per_rank in self._rows for r in per_rank[0]], masters.masters_of(self.params)
+                )
+            return
+        if self.window is not None:
+            self._gather_shared(masters, self.window)
+            return
+        pending: list[tuple[int, Any, torch.Tensor]] = []
+        for b, (members, layout) in enumerate(zip(self.buckets, self.layouts)):
+            if len(pending) == 2:  # this bucket reuses the buffer of the one two back
+                self._unpack(*pending.pop(0))
+            full = self._buffer(b % 2, layout.full_numel, members[0])
+            segment = full.view(self.world, layout.segment_numel)[self.rank]
             # padding rows go over the wire but are never copied out, so they need no zeroing
-            segment = torch.empty(layout.segment_numel, dtype=dtype, device=device)
-            for slot, p in enumerate(members):
-                layout.segment_view(segment, slot, self.rank).copy_(masters.master_of(p).reshape(layout.specs[slot].local_shape(self.rank)))
-            if self.world == 1:
-                full = segment
-            else:
-                full = torch.empty(layout.full_numel, dtype=dtype, device=device)
-                comm.all_gather_into_tensor(full, segment, group=self.group)
-            for slot, p in enumerate(members):
-                layout.gather_full(full, slot, p.data)
+            self._pack(b, masters, segment)
+            work = comm.all_gather_into_tensor(full, segment, group=self.group, async_op=True)
+            pending.append((b, work, full))
+        for item in pending:
+            self._unpack(*item)
+
+    def _pack(self, b: int, masters: MasterWeights, segment: torch.Tensor) -> None:
+        """Cast this rank's updated masters of bucket ``b`` into ``segment`` (and its own rows)."""
+        members, layout = self.buckets[b], self.layouts[b]
+        dst = [layout.segment_view(segment, slot, self.rank) for slot in range(len(members))]
+        src = [m.reshape(d.shape) for m, d in zip(masters.masters_of(members), dst)]
+        if dst:
+            torch._foreach_copy_(dst, src)
+        if (
+            masters.needs_fp32_copy and dst
+        ):  # own rows from the already-cast segment (cheaper than a second cast)
+            torch._foreach_copy_(
+                self._rows[b][self.rank], [d.view(r.shape) for d, r in zip(dst, self._rows[b][self.rank])]
+            )
+
+    def _gather_shared(self, masters: MasterWeights, window: HostWindow) -> None:
+        """The same exchange through a shared-memory window: write own segment, fence, read the others'.
+
+        Buckets alternate between two slots; writing bucket ``b`` after the fence of ``b - 1`` is safe
+        because every rank passed that fence only after reading bucket ``b - 2`` from the same slot.
+        """
+        for b, (members, layout) in enumerate(zip(self.buckets, self.layouts)):
+            dtype = members[0].dtype
+            self._pack(b, masters, window.region(self.rank, b % 2, dtype, layout.segment_numel))
+            window.fence()
+            dst: list[torch.Tensor] = []
+            src: list[torch.Tensor] = []
+            for q in range(self.world):
+                if q == self.rank:
+                    continue
+                segment = window.region(q, b % 2, dtype, layout.segment_numel)
+                for slot, rows in enumerate(self._rows[b][q]):
+                    if rows.numel():
+                        dst.append(rows)
+                        src.append(layout.segment_view(segment, slot, q).view(rows.shape))
+            if dst:
+                torch._foreach_copy_(dst, src)
+        window.fence()  # nobody writes a slot again before everyone has read it
+
+    def _unpack(self, b: int, work: Any, full: torch.Tensor) -> None:
+        if work is not None:
+            work.wait()
+        layout = self.layouts[b]
+        segments = full.view(self.world, layout.segment_numel)
+        dst: list[torch.Tensor] = []
+        src: list[torch.Tensor] = []
+        for q in range(self.world):
+            if q == self.rank:
+                continue
+            for slot, rows in enumerate(self._rows[b][q]):
+                if rows.numel():
+                    dst.append(rows)
+                    src.append(layout.segment_view(segments[q], slot, q).view(rows.shape))
+        if dst:
+            torch._foreach_copy_(dst, src)
