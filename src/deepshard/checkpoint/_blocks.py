@@ -74,8 +74,14 @@ def _row_chunks(md: TensorStorageMetadata) -> list[Any] | None:
     return chunks if row == size[0] else None
 
 
-def row_blocks(root: Path, key: str, md: TensorStorageMetadata, storage: dict[MetadataIndex, Any],
-               dtype: torch.dtype, block_bytes: int = 16 * 2**20) -> Iterator[torch.Tensor] | None:
+def row_blocks(
+    root: Path,
+    key: str,
+    md: TensorStorageMetadata,
+    storage: dict[MetadataIndex, Any],
+    dtype: torch.dtype,
+    block_bytes: int = 16 * 2**20,
+) -> Iterator[torch.Tensor] | None:
     """Flat pieces of tensor ``key`` in row-major order, cast to ``dtype``; ``None`` if the layout is not plain.
 
     ``storage`` is the checkpoint metadata's ``storage_data``. Each piece holds at most
@@ -101,8 +107,9 @@ def row_blocks(root: Path, key: str, md: TensorStorageMetadata, storage: dict[Me
     return _blocks(root, parts, stored, dtype, block_bytes)
 
 
-def _blocks(root: Path, parts: list[tuple[Any, Any, str]], stored: torch.dtype, dtype: torch.dtype,
-            block_bytes: int) -> Iterator[torch.Tensor]:
+def _blocks(
+    root: Path, parts: list[tuple[Any, Any, str]], stored: torch.dtype, dtype: torch.dtype, block_bytes: int
+) -> Iterator[torch.Tensor]:
     itemsize = torch.empty((), dtype=stored).element_size()
     block = torch.empty(max(1, block_bytes // itemsize), dtype=stored)
     raw = memoryview(cast(Any, block.view(torch.uint8).numpy()))
@@ -110,15 +117,20 @@ def _blocks(root: Path, parts: list[tuple[Any, Any, str]], stored: torch.dtype, 
         left = 1
         for s in chunk.sizes:
             left *= s
-        with open(root / info.relative_path, "rb") as fh, zipfile.ZipFile(_FileView(fh, info.offset, info.length)) as archive, \
-                archive.open(record) as src:
+        with (
+            open(root / info.relative_path, "rb") as fh,
+            zipfile.ZipFile(_FileView(fh, info.offset, info.length)) as archive,
+            archive.open(record) as src,
+        ):
             while left:
                 n = min(left, block.numel())
                 want, got = n * itemsize, 0
                 while got < want:
                     step = src.readinto(raw[got:want])  # type: ignore[attr-defined]
                     if not step:
-                        raise ValueError(f"{root / info.relative_path}: a stored chunk ends early (truncated file?)")
+                        raise ValueError(
+                            f"{root / info.relative_path}: a stored chunk ends early (truncated file?)"
+                        )
                     got += step
                 piece = block[:n]
                 yield piece if dtype == stored else piece.to(dtype)
@@ -128,10 +140,15 @@ def _blocks(root: Path, parts: list[tuple[Any, Any, str]], stored: torch.dtype, 
 def _data_record(view: _FileView, sizes: Any, stored: torch.dtype) -> str | None:
     """The archive member holding exactly the chunk's data, after checking the pickled tensor's layout."""
     view.seek(0)
-    meta = torch.load(cast(IO[bytes], view), map_location="meta", weights_only=True)  # reads the pickle, not the data
+    meta = torch.load(
+        cast(IO[bytes], view), map_location="meta", weights_only=True
+    )  # reads the pickle, not the data
     if (
-        not isinstance(meta, torch.Tensor) or meta.dtype != stored or tuple(meta.shape) != tuple(sizes)
-        or meta.storage_offset() != 0 or not meta.is_contiguous()
+        not isinstance(meta, torch.Tensor)
+        or meta.dtype != stored
+        or tuple(meta.shape) != tuple(sizes)
+        or meta.storage_offset() != 0
+        or not meta.is_contiguous()
     ):
         return None
     view.seek(0)
@@ -142,6 +159,10 @@ def _data_record(view: _FileView, sizes: Any, stored: torch.dtype) -> str | None
         if order and archive.read(order[0]).strip() != b"little":
             return None
         nbytes = meta.numel() * meta.element_size()
-        if len(records) != 1 or records[0].compress_type != zipfile.ZIP_STORED or records[0].file_size != nbytes:
+        if (
+            len(records) != 1
+            or records[0].compress_type != zipfile.ZIP_STORED
+            or records[0].file_size != nbytes
+        ):
             return None
         return records[0].filename

@@ -36,7 +36,9 @@ def broadcast_object(obj: Any, group: Any = None) -> Any:
     if not initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    dist.broadcast_object_list(
+        box, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group
+    )
     return box[0]
 
 
@@ -67,5 +69,7 @@ def device_mesh(group: Any, device_type: str) -> DeviceMesh:
 def quiet_single_process() -> Iterator[None]:
     """Silence DCP's "assuming the intent is to save/load in a single process" warning (that is the intent)."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        warnings.filterwarnings(
+            "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
+        )
         yield

@@ -29,6 +29,7 @@ import torch.distributed.checkpoint as dcp
 
 from deepshard.checkpoint import _dist, layout, manifest
 from deepshard.checkpoint._blocks import row_blocks
+from deepshard.checkpoint.deepspeed_import import read_deepspeed_checkpoint
 from deepshard.checkpoint.load import read_engine_state, tensor_metadata
 from deepshard.checkpoint.safetensors_stream import (
     INDEX_NAME,
@@ -48,7 +49,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 class CheckpointReader:
     """Reads one verified checkpoint's model tensors by name, one at a time, without a process group."""
 
-    def __init__(self, checkpoint_dir: str | os.PathLike[str], tag: str | None = None, verify: bool = True) -> None:
+    def __init__(
+        self, checkpoint_dir: str | os.PathLike[str], tag: str | None = None, verify: bool = True
+    ) -> None:
         self.path = layout.resolve_checkpoint(checkpoint_dir, tag)
         if verify:
             manifest.verify_local(self.path)
@@ -80,12 +83,50 @@ class CheckpointReader:
         spec = self.spec(name, dtype)
         return buf if buf.dtype == spec.dtype else buf.to(spec.dtype)
 
-
     def pieces(self, name: str, dtype: torch.dtype | None = None) -> Iterable[torch.Tensor]:
         """Like :meth:`read`, as flat row-major pieces of at most 16 MiB stored (one whole tensor if needed)."""
         key = self.sources[name]
         blocks = row_blocks(self.path, key, self.meta[key], self._storage, self.spec(name, dtype).dtype)
         return blocks if blocks is not None else [self.read(name, dtype).reshape(-1)]
+
+
+class DeepSpeedWeightsReader:
+    """:class:`CheckpointReader`'s interface over a DeepSpeed ZeRO checkpoint (read whole, fp32 weights only)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        state = read_deepspeed_checkpoint(path, optimizer_states=False)
+        self.weights = state.weights
+        self.aliases = {
+            a: t for a, t in state.aliases.items() if t in state.weights and a not in state.weights
+        }
+        order = [n for n in state.order if n in state.weights] + [
+            n for n in state.weights if n not in state.order
+        ]
+        self.sources = {n: n for n in order}
+        self.frozen: set[str] = set()
+
+    def spec(self, name: str, dtype: torch.dtype | None) -> TensorSpec:
+        saved = self.weights[name].dtype
+        return TensorSpec(
+            name,
+            dtype if dtype is not None and saved.is_floating_point else saved,
+            tuple(self.weights[name].shape),
+        )
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.weights[name].to(self.spec(name, dtype).dtype)
+
+    def pieces(self, name: str, dtype: torch.dtype | None = None) -> Iterable[torch.Tensor]:
+        return [self.read(name, dtype).reshape(-1)]
+
+
+def _reader(
+    checkpoint_dir: str | os.PathLike[str], tag: str | None
+) -> CheckpointReader | DeepSpeedWeightsReader:
+    """A reader for a deepshard checkpoint, or for a DeepSpeed one (detected by its files)."""
+    path = layout.resolve_checkpoint(checkpoint_dir, tag)
+    return DeepSpeedWeightsReader(path) if layout.is_deepspeed_checkpoint(path) else CheckpointReader(path)
 
 
 def get_fp32_state_dict_from_zero_checkpoint(
@@ -94,12 +135,15 @@ def get_fp32_state_dict_from_zero_checkpoint(
     """The model's fp32 state dict (every name, tied names sharing one tensor), as DeepSpeed's function.
 
     ``checkpoint_dir`` is the ``save_dir`` given to ``save_checkpoint`` (its ``latest`` or ``tag`` is
-    used) or a tag directory. This holds the whole model in memory; use :func:`export_safetensors`
-    to stream it to disk instead.
+    used) or a tag directory, deepshard's or DeepSpeed's (ZeRO-1/2/3). This holds the whole model in
+    memory; use :func:`export_safetensors` to stream it to disk instead.
     """
-    reader = CheckpointReader(checkpoint_dir, tag)
-    out = {name: reader.read(name, torch.float32) for name in reader.sources
-           if not (exclude_frozen_parameters and name in reader.frozen)}
+    reader = _reader(checkpoint_dir, tag)
+    out = {
+        name: reader.read(name, torch.float32)
+        for name in reader.sources
+        if not (exclude_frozen_parameters and name in reader.frozen)
+    }
     for alias, target in reader.aliases.items():
         if target in out:
             out[alias] = out[target]
@@ -113,8 +157,14 @@ def load_state_dict_from_zero_checkpoint(
     state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        logger.log(logging.WARNING, "loading %s into %s: missing %s, unexpected %s", checkpoint_dir,
-                   type(model).__name__, result.missing_keys, result.unexpected_keys)
+        logger.log(
+            logging.WARNING,
+            "loading %s into %s: missing %s, unexpected %s",
+            checkpoint_dir,
+            type(model).__name__,
+            result.missing_keys,
+            result.unexpected_keys,
+        )
     return model
 
 
@@ -128,18 +178,21 @@ def export_safetensors(
     """Stream the checkpoint's weights into HF-style safetensors files; return the files written.
 
     One ``model.safetensors`` when the total fits ``max_shard_size``, else
-    ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``.
+    ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``. A DeepSpeed ZeRO
+    checkpoint is read whole into memory first (its fp32 partitions are flat, not rows).
     """
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
-    reader = CheckpointReader(checkpoint_dir, tag)
+    reader = _reader(checkpoint_dir, tag)
     shards = plan_shards((reader.spec(n, dtype) for n in reader.sources), parse_size(max_shard_size))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.iterdir():  # an earlier export's files would mix with this one's
-        if stale.name in (SINGLE_NAME, INDEX_NAME) or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", stale.name):
+        if stale.name in (SINGLE_NAME, INDEX_NAME) or re.fullmatch(
+            r"model-\d{5}-of-\d{5}\.safetensors", stale.name
+        ):
             stale.unlink()
     written = []
     for shard in shards:
@@ -149,12 +202,18 @@ def export_safetensors(
     if len(shards) > 1:
         write_index(out, shards)
         written.append(out / INDEX_NAME)
-    logger.info("exported %d tensors from %s to %s (%d file(s))", len(reader.sources), reader.path, out, len(shards))
+    logger.info(
+        "exported %d tensors from %s to %s (%d file(s))", len(reader.sources), reader.path, out, len(shards)
+    )
     return written
 
 
-def save_16bit_model(engine: Any, save_dir: str | os.PathLike[str], save_filename: str = "pytorch_model.bin",
-                     exclude_frozen_parameters: bool = False) -> bool:
+def save_16bit_model(
+    engine: Any,
+    save_dir: str | os.PathLike[str],
+    save_filename: str = "pytorch_model.bin",
+    exclude_frozen_parameters: bool = False,
+) -> bool:
     """Collective: rank 0 writes the module's weights in its training dtype (DeepSpeed's ``save_16bit_model``).
 
     ``*.safetensors`` names get a safetensors file (tied weights once); other names a ``torch.save``

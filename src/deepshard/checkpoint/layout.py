@@ -30,6 +30,8 @@ TMP_MARK = ".tmp-"
 OLD_MARK = ".old-"
 FORMAT = "deepshard-checkpoint"
 FORMAT_VERSION = 1
+# a DeepSpeed tag directory holds one of these (ZeRO-1/2, ZeRO-3) and no manifest
+DEEPSPEED_MODEL_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
 
 def rank_file(rank: int) -> str:
@@ -80,7 +82,9 @@ def read_latest(save_dir: Path) -> str | None:
         return None
     tag = path.read_text().strip()
     if not tag:
-        raise ValueError(f"{path} is empty; it should hold the tag of a checkpoint directory. Pass tag= explicitly.")
+        raise ValueError(
+            f"{path} is empty; it should hold the tag of a checkpoint directory. Pass tag= explicitly."
+        )
     return tag
 
 
@@ -109,13 +113,22 @@ def commit(tmp_dir: Path, final_dir: Path, token: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def is_deepspeed_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a DeepSpeed tag directory (a model-states file, no deepshard manifest)."""
+    return (
+        path.is_dir()
+        and not (path / MANIFEST).exists()
+        and any((path / name).is_file() for name in DEEPSPEED_MODEL_FILES)
+    )
+
+
 def resolve_checkpoint(checkpoint_dir: str | os.PathLike[str], tag: str | None) -> Path:
     """The tag directory for a ``save_dir`` (+ ``tag`` or its ``latest``), or a tag directory itself.
 
-    Raises ``FileNotFoundError`` naming what is missing.
+    DeepSpeed's directories are resolved the same way (they have a ``latest`` file too). Raises ``FileNotFoundError`` naming what is missing.
     """
     root = Path(checkpoint_dir)
-    if tag is None and (root / MANIFEST).is_file():
+    if tag is None and ((root / MANIFEST).is_file() or is_deepspeed_checkpoint(root)):
         return root
     if tag is None:
         tag = read_latest(root)

@@ -63,13 +63,17 @@ def tensor_metadata(path: Path) -> dict[str, TensorStorageMetadata]:
     return {k: v for k, v in meta.items() if isinstance(v, TensorStorageMetadata)}
 
 
-def read_into(path: Path, targets: dict[str, torch.Tensor], group: Any = None, no_dist: bool | None = None) -> None:
+def read_into(
+    path: Path, targets: dict[str, torch.Tensor], group: Any = None, no_dist: bool | None = None
+) -> None:
     """Read the checkpoint tensors named by ``targets``' keys into those tensors, in place."""
     if not targets:
         return
     no_dist = not _dist.initialized() if no_dist is None else no_dist
     with _dist.quiet_single_process():
-        dcp.load(targets, storage_reader=dcp.FileSystemReader(str(path)), process_group=group, no_dist=no_dist)
+        dcp.load(
+            targets, storage_reader=dcp.FileSystemReader(str(path)), process_group=group, no_dist=no_dist
+        )
 
 
 class _Targets:
@@ -77,13 +81,17 @@ class _Targets:
 
     A target is a plain tensor (read whole) or a ``Shard(0)`` DTensor over ``mesh`` (this rank's
     rows). A 0-d parameter's state is stored whole: it is read into a scalar and copied into the
-    single row that the group's rank 0 owns.
+    single row that the group's rank 0 owns. :meth:`result` is the tensor that holds a key's value
+    on this rank once read (for such a scalar: the rows, empty on the ranks that own none).
     """
 
     def __init__(self, path: Path, meta: dict[str, TensorStorageMetadata], mesh: DeviceMesh | None) -> None:
         self.path, self.meta, self.mesh = path, meta, mesh
         self.tensors: dict[str, torch.Tensor] = {}
         self.after: list[tuple[torch.Tensor, torch.Tensor]] = []  # (destination rows, loaded scalar)
+        self._rows_of_scalar: dict[
+            str, torch.Tensor
+        ] = {}  # key -> destination rows of a 0-d parameter's state
 
     def whole(self, key: str, target: torch.Tensor) -> None:
         """Read ``key`` whole into ``target``."""
@@ -100,8 +108,14 @@ class _Targets:
             scalar = torch.empty((), dtype=local.dtype, device=local.device)
             self.tensors[key] = scalar
             self.after.append((local, scalar))
+            self._rows_of_scalar[key] = local
         else:
             self.tensors[key] = shard_tensor(local.detach(), shard.shape, self.mesh)
+
+    def result(self, key: str) -> torch.Tensor:
+        """This rank's tensor for ``key`` after :meth:`read`, shaped like the tensor it belongs to."""
+        rows = self._rows_of_scalar.get(key)
+        return rows if rows is not None else _local(self.tensors[key])
 
     def read(self) -> None:
         """Collective: read every target, then copy scalars into their rows."""
@@ -136,8 +150,11 @@ def _module_keys(engine: Any, path: Path, es: dict[str, Any], opts: LoadOptions)
             "the matching entries only."
         )
     if missing or unexpected:
-        log_dist(f"loading {path} non-strictly: missing {missing}, unexpected {unexpected}", ranks=[0],
-                 level=logging.WARNING)
+        log_dist(
+            f"loading {path} non-strictly: missing {missing}, unexpected {unexpected}",
+            ranks=[0],
+            level=logging.WARNING,
+        )
     out = {}
     for key in entries.tensors:
         source = saved["aliases"].get(key, key)
@@ -151,8 +168,9 @@ def _best_key(source: str, meta: dict[str, Any]) -> str:
     return MASTER + source if MASTER + source in meta else MODEL + source
 
 
-def _optimizer_targets(engine: Any, targets: _Targets, es: dict[str, Any], shards: dict[str, RowShard]
-                       ) -> dict[str, Any]:
+def _optimizer_targets(
+    engine: Any, targets: _Targets, es: dict[str, Any], shards: dict[str, RowShard]
+) -> dict[str, Any]:
     """Add the optimizer state to ``targets``; return a ``state_dict`` skeleton that refers to them by key."""
     saved = es["optimizer"]
     current = optimizer_fqns(engine)
@@ -164,7 +182,9 @@ def _optimizer_targets(engine: Any, targets: _Targets, es: dict[str, Any], shard
             "way, or pass load_optimizer_states=False."
         )
     tensor_of = {n: m for n, _, m in master_pairs(engine)}
-    tensor_of.update({n: t for g, names in zip(engine.optimizer.param_groups, current) for n, t in zip(names, g["params"])})
+    tensor_of.update(
+        {n: t for g, names in zip(engine.optimizer.param_groups, current) for n, t in zip(names, g["params"])}
+    )
     whole_shapes = {n: p.shape for n, p, _ in master_pairs(engine)}
     per_element = _per_element_keys(saved["state"], targets.meta, whole_shapes)
     state: dict[int, dict[str, Any]] = {}
@@ -186,8 +206,10 @@ def _optimizer_targets(engine: Any, targets: _Targets, es: dict[str, Any], shard
                     # per-element state (exp_avg, ...): this rank's rows, like the master
                     targets.rows(slot["tensor"], torch.empty_like(like, dtype=md.properties.dtype), shard)
                 else:  # e.g. Adam's 0-d ``step``: the same on every rank
-                    targets.whole(slot["tensor"], torch.empty(tuple(md.size), dtype=md.properties.dtype,
-                                                              device=like.device))
+                    targets.whole(
+                        slot["tensor"],
+                        torch.empty(tuple(md.size), dtype=md.properties.dtype, device=like.device),
+                    )
                 state[index][key] = slot["tensor"]
             index += 1
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": []} for g in saved["param_groups"]]
@@ -198,8 +220,11 @@ def _optimizer_targets(engine: Any, targets: _Targets, es: dict[str, Any], shard
     return {"state": state, "param_groups": groups}
 
 
-def _per_element_keys(saved_state: dict[str, dict[str, Any]], meta: dict[str, TensorStorageMetadata],
-                      whole_shapes: dict[str, torch.Size]) -> set[str]:
+def _per_element_keys(
+    saved_state: dict[str, dict[str, Any]],
+    meta: dict[str, TensorStorageMetadata],
+    whole_shapes: dict[str, torch.Size],
+) -> set[str]:
     """Optimizer state keys that are per-element (shaped like their parameter) for some parameter of rank >= 1.
 
     A 0-d parameter's per-element state (``exp_avg``) and scalar state (Adam's ``step``) are both 0-d;
@@ -209,7 +234,12 @@ def _per_element_keys(saved_state: dict[str, dict[str, Any]], meta: dict[str, Te
     for name, slots in saved_state.items():
         shape = whole_shapes.get(name)
         for key, slot in slots.items():
-            if shape is not None and len(shape) > 0 and "tensor" in slot and tuple(meta[slot["tensor"]].size) == tuple(shape):
+            if (
+                shape is not None
+                and len(shape) > 0
+                and "tensor" in slot
+                and tuple(meta[slot["tensor"]].size) == tuple(shape)
+            ):
                 keys.add(key)
     return keys
 
@@ -219,7 +249,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else t
 
 
-def load_into_engine(engine: Any, path: Path, opts: LoadOptions, mesh: DeviceMesh | None = None) -> dict[str, Any]:
+def load_into_engine(
+    engine: Any, path: Path, opts: LoadOptions, mesh: DeviceMesh | None = None
+) -> dict[str, Any]:
     """Collective: restore ``engine`` from the verified checkpoint at ``path``; return the client state.
 
     ``mesh`` is the engine's data-parallel device mesh; it is needed when the engine's masters are
@@ -230,7 +262,9 @@ def load_into_engine(engine: Any, path: Path, opts: LoadOptions, mesh: DeviceMes
     restore_all = not opts.module_only
     want_optimizer = restore_all and opts.optimizer_states and engine.optimizer is not None
     if want_optimizer and es["optimizer"] is None:
-        log_dist(f"{path} holds no optimizer state; the optimizer starts fresh", ranks=[0], level=logging.WARNING)
+        log_dist(
+            f"{path} holds no optimizer state; the optimizer starts fresh", ranks=[0], level=logging.WARNING
+        )
         want_optimizer = False
     shards = row_shards(engine)
     if sharded_rows(engine) and mesh is None:
@@ -256,11 +290,16 @@ def load_into_engine(engine: Any, path: Path, opts: LoadOptions, mesh: DeviceMes
         for slots in skeleton["state"].values():
             for key, value in slots.items():
                 if isinstance(value, str) and value in targets.tensors:
-                    slots[key] = _local(targets.tensors[value])
+                    slots[key] = targets.result(value)
         engine.optimizer.load_state_dict(skeleton)
     else:
         engine.masters.copy_from_model()  # DeepSpeed: without optimizer states, masters follow the module
-    if restore_all and opts.lr_scheduler_states and engine.lr_scheduler is not None and es["lr_scheduler"] is not None:
+    if (
+        restore_all
+        and opts.lr_scheduler_states
+        and engine.lr_scheduler is not None
+        and es["lr_scheduler"] is not None
+    ):
         engine.lr_scheduler.load_state_dict(es["lr_scheduler"])
     if restore_all:
         engine.loss_scaler.load_state_dict(es["loss_scaler"])
@@ -278,8 +317,11 @@ def _restore_rank_state(engine: Any, path: Path) -> None:
         rng.restore(rank_state["rng"])
     else:
         # more ranks than saved the checkpoint: no RNG stream to continue; the dataloader is shared
-        log_dist(f"{path} has no RNG state for rank {rank} (saved on fewer ranks); keeping this rank's RNG",
-                 ranks=None, level=logging.WARNING)
+        log_dist(
+            f"{path} has no RNG state for rank {rank} (saved on fewer ranks); keeping this rank's RNG",
+            ranks=None,
+            level=logging.WARNING,
+        )
         rank_state = torch.load(path / rank_file(0), map_location="cpu", weights_only=True)
     loader = engine.training_dataloader
     if loader is not None and rank_state.get("dataloader") is not None and hasattr(loader, "load_state_dict"):

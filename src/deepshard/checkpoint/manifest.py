@@ -71,7 +71,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     try:
         body = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptCheckpointError(f"{path} is not valid JSON ({exc}); the checkpoint is corrupt.") from None
+        raise CorruptCheckpointError(
+            f"{path} is not valid JSON ({exc}); the checkpoint is corrupt."
+        ) from None
     if not isinstance(body, dict) or body.get("format") != FORMAT or not isinstance(body.get("files"), dict):
         raise CorruptCheckpointError(f"{path} is not a deepshard checkpoint manifest.")
     if int(body.get("version", 0)) > FORMAT_VERSION:
@@ -115,7 +117,9 @@ def verify(directory: Path, group: Any = None, contents: bool = True) -> dict[st
         manifest = read_manifest(directory)
         files = manifest["files"]
         mine = set(_my_share(list(files), group))
-        problems = [p for n in sorted(files) if (p := _check_file(directory / n, files[n], contents and n in mine))]
+        problems = [
+            p for n in sorted(files) if (p := _check_file(directory / n, files[n], contents and n in mine))
+        ]
         error = "; ".join(problems) or None
     except CorruptCheckpointError as exc:
         error = str(exc)

@@ -21,9 +21,17 @@ def capture() -> dict[str, Any]:
     name, key, pos, has_gauss, gauss = np_state
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": (str(name), torch.from_numpy(np.asarray(key, dtype=np.int64)), int(pos), int(has_gauss), float(gauss)),
+        "numpy": (
+            str(name),
+            torch.from_numpy(np.asarray(key, dtype=np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(gauss),
+        ),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+        "cuda": torch.cuda.get_rng_state_all()
+        if torch.cuda.is_available() and torch.cuda.is_initialized()
+        else [],
     }
     return state
 

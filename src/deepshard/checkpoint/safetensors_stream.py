@@ -19,14 +19,31 @@ from pathlib import Path
 import torch
 
 DTYPE_CODES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
     torch.bool: "BOOL",
 }
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str | int) -> int:
@@ -35,7 +52,9 @@ def parse_size(text: str | int) -> int:
         return text
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
     if not match or match.group(2).upper() not in _UNITS:
-        raise ValueError(f"max_shard_size {text!r} is not a size; use e.g. '5GB', '500MB' or a number of bytes")
+        raise ValueError(
+            f"max_shard_size {text!r} is not a size; use e.g. '5GB', '500MB' or a number of bytes"
+        )
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
@@ -83,8 +102,12 @@ def plan_shards(specs: Iterable[TensorSpec], max_bytes: int) -> list[Shard]:
     return [Shard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
 
 
-def write_shard(path: Path, shard: Shard, load: Callable[[TensorSpec], torch.Tensor | Iterable[torch.Tensor]],
-                metadata: dict[str, str] | None = None) -> None:
+def write_shard(
+    path: Path,
+    shard: Shard,
+    load: Callable[[TensorSpec], torch.Tensor | Iterable[torch.Tensor]],
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Write ``shard`` to ``path`` (atomically), calling ``load(spec)`` for one tensor at a time.
 
     ``load`` returns the tensor, or its elements in row-major order as flat pieces (written as they
@@ -95,8 +118,11 @@ def write_shard(path: Path, shard: Shard, load: Callable[[TensorSpec], torch.Ten
     for spec in shard.tensors:
         if spec.dtype not in DTYPE_CODES:
             raise ValueError(f"{spec.name}: dtype {spec.dtype} cannot be stored in safetensors")
-        header[spec.name] = {"dtype": DTYPE_CODES[spec.dtype], "shape": list(spec.shape),
-                             "data_offsets": [offset, offset + spec.nbytes]}
+        header[spec.name] = {
+            "dtype": DTYPE_CODES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
         offset += spec.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
@@ -108,13 +134,17 @@ def write_shard(path: Path, shard: Shard, load: Callable[[TensorSpec], torch.Ten
             loaded = load(spec)
             if isinstance(loaded, torch.Tensor):
                 if loaded.dtype != spec.dtype or tuple(loaded.shape) != spec.shape:
-                    raise AssertionError(f"{spec.name}: loaded {loaded.dtype}{tuple(loaded.shape)}, planned {spec}")
+                    raise AssertionError(
+                        f"{spec.name}: loaded {loaded.dtype}{tuple(loaded.shape)}, planned {spec}"
+                    )
                 loaded = [loaded]
             written = 0
             for piece in loaded:
                 if piece.dtype != spec.dtype:
                     raise AssertionError(f"{spec.name}: loaded a {piece.dtype} piece, planned {spec}")
-                fh.write(piece.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)  # no copy
+                fh.write(
+                    piece.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data
+                )  # no copy
                 written += piece.numel() * piece.element_size()
             del loaded
             if written != spec.nbytes:

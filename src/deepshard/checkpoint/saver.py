@@ -34,6 +34,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.device_mesh import DeviceMesh
 
 from deepshard.checkpoint import _dist, layout, manifest
+from deepshard.checkpoint.deepspeed_load import load_deepspeed_into_engine
 from deepshard.checkpoint.load import LoadOptions, load_into_engine
 from deepshard.checkpoint.state import Captured, capture, sharded_rows
 from deepshard.utils.logging import log_dist
@@ -75,32 +76,53 @@ class Checkpointer:
             async_save = bool(self.engine.config.checkpoint.async_save)
         gas = self.engine.gradient_accumulation_steps()
         if self.engine.micro_steps % gas:
-            log_dist(f"saving a checkpoint {self.engine.micro_steps % gas} micro-steps into an accumulation window of "
-                     f"{gas}: the gradients accumulated so far are not saved (as in DeepSpeed); save after step() at "
-                     "a boundary to resume exactly", ranks=[0], level=logging.WARNING)
+            log_dist(
+                f"saving a checkpoint {self.engine.micro_steps % gas} micro-steps into an accumulation window of "
+                f"{gas}: the gradients accumulated so far are not saved (as in DeepSpeed); save after step() at "
+                "a boundary to resume exactly",
+                ranks=[0],
+                level=logging.WARNING,
+            )
         root = Path(save_dir).absolute()
-        my_tag = layout.validate_tag(str(tag) if tag is not None else layout.default_tag(self.engine.global_steps))
+        my_tag = layout.validate_tag(
+            str(tag) if tag is not None else layout.default_tag(self.engine.global_steps)
+        )
         agreed_tag, token = _dist.broadcast_object((my_tag, uuid.uuid4().hex[:12]))
         if agreed_tag != my_tag:
-            log_dist(f"checkpoint tag {my_tag!r} differs from rank 0's {agreed_tag!r}; using rank 0's", ranks=None,
-                     level=logging.WARNING)
+            log_dist(
+                f"checkpoint tag {my_tag!r} differs from rank 0's {agreed_tag!r}; using rank 0's",
+                ranks=None,
+                level=logging.WARNING,
+            )
         if _dist.rank() == 0:
             root.mkdir(parents=True, exist_ok=True)
             layout.remove_stale(root)
         _dist.raise_if_any(None)  # barrier: rank 0 cleaned up before anyone writes
         final = root / agreed_tag
-        job = _SaveJob(root, root / f"{agreed_tag}{layout.TMP_MARK}{token}", final, token, save_latest,
-                       capture(self.engine, client_state, exclude_frozen_parameters), self._mesh())
+        job = _SaveJob(
+            root,
+            root / f"{agreed_tag}{layout.TMP_MARK}{token}",
+            final,
+            token,
+            save_latest,
+            capture(self.engine, client_state, exclude_frozen_parameters),
+            self._mesh(),
+        )
         if async_save:
             start = time.perf_counter()
             job.captured = job.captured.staged()
             group = self._checkpoint_group()
             job.mesh = self._mesh(async_group=True)  # the staged rows live in host memory
-            log_dist(f"checkpoint {final}: staged {job.captured.nbytes / 2**20:.1f} MiB in "
-                     f"{time.perf_counter() - start:.2f}s, writing in the background", ranks=[0])
+            log_dist(
+                f"checkpoint {final}: staged {job.captured.nbytes / 2**20:.1f} MiB in "
+                f"{time.perf_counter() - start:.2f}s, writing in the background",
+                ranks=[0],
+            )
             self._error = None
             self._pending_path = final
-            self._thread = threading.Thread(target=self._run_async, args=(job, group), name="deepshard-checkpoint")
+            self._thread = threading.Thread(
+                target=self._run_async, args=(job, group), name="deepshard-checkpoint"
+            )
             self._thread.start()
         else:
             job.run(None)
@@ -119,7 +141,9 @@ class Checkpointer:
             if async_group:
                 self._meshes[key] = _dist.device_mesh(self._checkpoint_group(), "cpu")
             else:
-                self._meshes[key] = _dist.device_mesh(self.engine.dp_group, torch.device(self.engine.device).type)
+                self._meshes[key] = _dist.device_mesh(
+                    self.engine.dp_group, torch.device(self.engine.device).type
+                )
         return self._meshes[key]
 
     def _checkpoint_group(self) -> Any:
@@ -142,7 +166,9 @@ class Checkpointer:
         self._thread = None
         error, self._error = self._error, None
         if error is not None:
-            raise RuntimeError(f"the asynchronous checkpoint save to {self._pending_path} failed: {error}") from error
+            raise RuntimeError(
+                f"the asynchronous checkpoint save to {self._pending_path} failed: {error}"
+            ) from error
 
     # ------------------------------------------------------------------ load
     def load(
@@ -154,23 +180,35 @@ class Checkpointer:
         load_lr_scheduler_states: bool = True,
         load_module_only: bool = False,
     ) -> tuple[str | None, dict[str, Any] | None]:
-        """Collective: restore the engine; ``(path, client_state)``, or ``(None, None)`` if there is nothing."""
+        """Collective: restore the engine; ``(path, client_state)``, or ``(None, None)`` if there is nothing.
+
+        A DeepSpeed ZeRO-1/2/3 tag directory (``mp_rank_00_model_states.pt``, no manifest) is imported
+        (:mod:`.deepspeed_load`).
+        """
         self.wait()
         root = Path(load_dir)
         if tag is None:
             tag = layout.read_latest(root)
             if tag is None:
-                log_dist(f"no '{layout.LATEST}' file in {root}: nothing to load (pass tag= to load a specific one)",
-                         ranks=[0], level=logging.WARNING)
+                log_dist(
+                    f"no '{layout.LATEST}' file in {root}: nothing to load (pass tag= to load a specific one)",
+                    ranks=[0],
+                    level=logging.WARNING,
+                )
                 return None, None
         path = root / str(tag)
         if not path.is_dir():
             log_dist(f"checkpoint {path} does not exist: nothing loaded", ranks=[0], level=logging.WARNING)
             return None, None
         start = time.perf_counter()
-        manifest.verify(path)
-        opts = LoadOptions(load_module_strict, load_optimizer_states, load_lr_scheduler_states, load_module_only)
-        client_state = load_into_engine(self.engine, path, opts, self._mesh())
+        opts = LoadOptions(
+            load_module_strict, load_optimizer_states, load_lr_scheduler_states, load_module_only
+        )
+        if layout.is_deepspeed_checkpoint(path):  # written by DeepSpeed: imported (no manifest to verify)
+            client_state = load_deepspeed_into_engine(self.engine, path, opts)
+        else:
+            manifest.verify(path)
+            client_state = load_into_engine(self.engine, path, opts, self._mesh())
         log_dist(f"loaded checkpoint {path} in {time.perf_counter() - start:.2f}s", ranks=[0])
         return str(path), client_state
 
@@ -178,8 +216,16 @@ class Checkpointer:
 class _SaveJob:
     """Steps 3–4 of one save (see the module docstring); ``run`` is collective over ``group``."""
 
-    def __init__(self, root: Path, tmp: Path, final: Path, token: str, save_latest: bool, captured: Captured,
-                 mesh: DeviceMesh | None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        tmp: Path,
+        final: Path,
+        token: str,
+        save_latest: bool,
+        captured: Captured,
+        mesh: DeviceMesh | None,
+    ) -> None:
         self.root, self.tmp, self.final, self.token = root, tmp, final, token
         self.save_latest = save_latest
         self.captured = captured
@@ -208,8 +254,11 @@ class _SaveJob:
         error = None
         if rank == 0:
             try:
-                info = {"tag": self.final.name, "world_size": _dist.world_size(group),
-                        "counters": self.captured.engine_state["counters"]}
+                info = {
+                    "tag": self.final.name,
+                    "world_size": _dist.world_size(group),
+                    "counters": self.captured.engine_state["counters"],
+                }
                 manifest.write_manifest(self.tmp, files, info)
                 layout.commit(self.tmp, self.final, self.token)
                 if self.save_latest:
@@ -218,5 +267,7 @@ class _SaveJob:
                 error = f"committing checkpoint {self.final} failed: {exc}"
         _dist.raise_if_any(error, group)
         size = sum(f["bytes"] for f in files.values())
-        log_dist(f"saved checkpoint {self.final} ({size / 2**20:.1f} MiB) in {time.perf_counter() - start:.2f}s",
-                 ranks=[0])
+        log_dist(
+            f"saved checkpoint {self.final} ({size / 2**20:.1f} MiB) in {time.perf_counter() - start:.2f}s",
+            ranks=[0],
+        )

@@ -64,8 +64,10 @@ class Captured:
         """The state dict for ``dcp.save``: row shards as DTensors ``Shard(0)`` on ``mesh``, the rest plain."""
         if self.global_shapes and mesh is None:
             raise AssertionError("sharded checkpoint state needs the data-parallel device mesh")
-        return {k: shard_tensor(t, self.global_shapes[k], mesh) if k in self.global_shapes else t
-                for k, t in self.tensors.items()}
+        return {
+            k: shard_tensor(t, self.global_shapes[k], mesh) if k in self.global_shapes else t
+            for k, t in self.tensors.items()
+        }
 
     @property
     def nbytes(self) -> int:
@@ -89,8 +91,14 @@ def shard_tensor(local: torch.Tensor, shape: torch.Size, mesh: DeviceMesh | None
     """
     if mesh is None:
         return local
-    return DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=torch.Size(shape),
-                              stride=_contiguous_stride(torch.Size(shape)))
+    return DTensor.from_local(
+        local,
+        mesh,
+        [Shard(0)],
+        run_check=False,
+        shape=torch.Size(shape),
+        stride=_contiguous_stride(torch.Size(shape)),
+    )
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -129,7 +137,13 @@ def module_entries(module: torch.nn.Module, exclude_frozen: bool = False) -> Mod
             extras[key] = value
             continue
         local = _local(value)
-        ident = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape), local.stride(), local.dtype)
+        ident = (
+            local.untyped_storage().data_ptr(),
+            local.storage_offset(),
+            tuple(local.shape),
+            local.stride(),
+            local.dtype,
+        )
         if local.numel() > 0 and ident in seen:
             aliases[key] = seen[ident]
             continue
@@ -172,7 +186,9 @@ def row_shards(engine: Any) -> dict[str, RowShard]:
     """FQN -> :class:`RowShard` for each master when the stage shards them (on one rank: all rows)."""
     if not engine.masters.sharded:
         return {}
-    return {n: RowShard(p.shape, rows) for (n, p, _), rows in zip(master_pairs(engine), engine.masters.ranges)}
+    return {
+        n: RowShard(p.shape, rows) for (n, p, _), rows in zip(master_pairs(engine), engine.masters.ranges)
+    }
 
 
 def _whole_scalar(local: torch.Tensor, group: Any, world: int) -> torch.Tensor:
