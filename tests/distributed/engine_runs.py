@@ -89,7 +89,36 @@ def run_engine(
         norms.append(engine.get_global_grad_norm())
     state = {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
     return {"losses": losses, "norms": norms, "state": state, "steps": engine.global_steps, "mem": engine.memory_breakdown(),
-        "whole_grad_bytes": max(whole_grad_bytes), "live_grad_bytes": engine.reducer.nbytes}
+        "whole_grad_bytes": max(whole_grad_bytes), "live_grad_bytes": engine.reducer.nbytes,
+        "shared_params": engine.partition.shared is not None,
+        "reducer": type(engine.reducer).__name__}
+
+
+def run_engine_over_collectives(*args: Any) -> dict:
+    """:func:`run_engine` with host shared memory off: parameters all-gathered over gloo collectives."""
+    import os
+
+    os.environ["DEEPSHARD_HOST_SHM"] = "0"
+    try:
+        return run_engine(*args)
+    finally:
+        del os.environ["DEEPSHARD_HOST_SHM"]
+
+
+def replaced_storage_error() -> str:
+    """Replace a parameter's storage after initialize at stage 2 (shared parameters): the step must refuse."""
+    model = build_model()
+    engine, _, _, _ = deepshard.initialize(model=model, config=_config(1, deepshard.comm.get_world_size(),
+                                           zero_optimization={"stage": 2}))  # fmt: skip
+    first = next(engine.module.parameters())
+    first.data = first.data.clone()
+    x, y = rank_slice(_global_batches(deepshard.comm.get_world_size(), 1)[0][0], deepshard.comm.get_rank(), 2)
+    engine.backward(engine(x, y))
+    try:
+        engine.step()
+    except RuntimeError as exc:
+        return str(exc)
+    return "no error"
 
 
 def reference(

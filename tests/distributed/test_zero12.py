@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import glob
+
 import pytest
-from engine_runs import STEPS, build_model, reference, run_engine
+from engine_runs import (
+    STEPS,
+    build_model,
+    reference,
+    replaced_storage_error,
+    run_engine,
+    run_engine_over_collectives,
+)
 
 from deepshard.testing.parity import max_relative_difference, max_state_difference
 from deepshard.zero.stage import ZeroStage
@@ -28,6 +37,35 @@ def test_fp32_parity_uneven_sizes(stage, world, gas, dist2, dist4):
         assert max_relative_difference(r["losses"], ref.losses) <= FP32_TOL
         assert max_relative_difference(r["norms"], ref.grad_norms) <= FP32_TOL
         assert max_state_difference(r["state"], ref.state) <= FP32_TOL
+        assert r["shared_params"], "one host: parameters should live in shared memory"
+        assert r["reducer"] == ("SharedRowReducer" if stage == 1 else "ReduceScatterGradReducer")
+    assert max_state_difference(results[-1]["state"], results[0]["state"]) == 0.0
+    assert not glob.glob("/dev/shm/deepshard_*"), "shared-memory files must be unlinked once mapped"
+
+
+def test_replaced_parameter_storage_is_refused(dist2):
+    for message in dist2.run(replaced_storage_error):
+        assert "storage was replaced after deepshard.initialize()" in message
+        assert "DEEPSHARD_HOST_SHM=0" in message
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("world,gas,dtype", [(2, 2, "fp32"), (4, 1, "fp32"), (2, 1, "bf16")])
+def test_parity_over_gloo_collectives(stage, world, gas, dtype, dist2, dist4):
+    # DEEPSHARD_HOST_SHM=0: updated rows are all-gathered (broadcast-based) and gradients reduce-scattered
+    # (all-to-all) over gloo, as across hosts
+    harness = dist2 if world == 2 else dist4
+    zero = _zero(stage, reduce_bucket_size=5000, allgather_bucket_size=7000, overlap_comm=True)
+    extra = {**zero, **({"bf16": {"enabled": True}} if dtype == "bf16" else {})}
+    results = harness.run(run_engine_over_collectives, world, gas, extra, False, False, "odd")
+    ref = reference(world, gas, preset="odd")
+    tol = FP32_TOL if dtype == "fp32" else 2e-2
+    for r in results:
+        assert not r["shared_params"]
+        assert r["reducer"] == ("AllReduceGradReducer" if stage == 1 else "ReduceScatterGradReducer")
+        assert max_relative_difference(r["losses"], ref.losses) <= tol
+        if dtype == "fp32":
+            assert max_state_difference(r["state"], ref.state) <= FP32_TOL
     assert max_state_difference(results[-1]["state"], results[0]["state"]) == 0.0
 
 

@@ -171,6 +171,7 @@ def load_deepspeed_into_engine(engine: Any, path: Path, opts: LoadOptions) -> di
             f"the DeepSpeed checkpoint {path} has no optimizer state for {sorted(missing_moments)[:8]}; "
             "pass load_optimizer_states=False."
         )
+    engine.partition.begin_update()  # no rank still reads parameters that this load overwrites
     for key, tensor in module_entries(engine.module).tensors.items():
         if key in sources and key not in trainable:
             tensor.copy_(state.weights[sources[key]])

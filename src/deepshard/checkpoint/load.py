@@ -284,6 +284,7 @@ def load_into_engine(
             if name in from_masters:
                 targets.rows(_best_key(sources[name], meta), master, shards.get(name))
         skeleton = _optimizer_targets(engine, targets, es, shards)
+    engine.partition.begin_update()  # no rank still reads parameters that this read overwrites
     targets.read()
     if want_optimizer:
         engine.partition.publish()  # masters -> whole module parameters (cast; all-gathered at stages 1-2)

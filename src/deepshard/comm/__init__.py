@@ -77,7 +77,9 @@ def init_distributed(
         info = discover() if auto_mpi_discovery else RankInfo(0, 1, 0, 1, None, "single")
         if info.source == "single" and not dist_init_required and init_method is None:
             if verbose:
-                logger.info("no launcher environment found: running as a single process without a process group")
+                logger.info(
+                    "no launcher environment found: running as a single process without a process group"
+                )
             return
         export_torch_env(info, distributed_port)
     if backend == "nccl":
@@ -135,7 +137,9 @@ def barrier(group: Any = None) -> None:
         dist.barrier(group=group)
 
 
-def all_reduce(tensor: torch.Tensor, op: Any = ReduceOp.SUM, group: Any = None, async_op: bool = False) -> Any:
+def all_reduce(
+    tensor: torch.Tensor, op: Any = ReduceOp.SUM, group: Any = None, async_op: bool = False
+) -> Any:
     """In-place all-reduce of ``tensor`` (identity in a single process)."""
     if is_initialized():
         return dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
@@ -149,7 +153,9 @@ def broadcast(tensor: torch.Tensor, src: int, group: Any = None, async_op: bool 
     return None
 
 
-def all_gather(tensor_list: list[torch.Tensor], tensor: torch.Tensor, group: Any = None, async_op: bool = False) -> Any:
+def all_gather(
+    tensor_list: list[torch.Tensor], tensor: torch.Tensor, group: Any = None, async_op: bool = False
+) -> Any:
     """Gather ``tensor`` from every rank into ``tensor_list``."""
     if is_initialized():
         return dist.all_gather(tensor_list, tensor, group=group, async_op=async_op)
@@ -162,7 +168,9 @@ _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_i
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-def all_gather_into_tensor(output: torch.Tensor, tensor: torch.Tensor, group: Any = None, async_op: bool = False) -> Any:
+def all_gather_into_tensor(
+    output: torch.Tensor, tensor: torch.Tensor, group: Any = None, async_op: bool = False
+) -> Any:
     """Gather equal-size shards into one flat ``output`` ordered by rank.
 
     ``tensor`` may be this rank's chunk of ``output`` (in place). Host tensors on gloo take the faster
@@ -191,7 +199,9 @@ def reduce_scatter_tensor(
     """
     if is_initialized():
         if op == ReduceOp.SUM and host_collectives.serves(tensor, group):
-            return host_collectives.reduce_scatter(output, tensor, group=group, async_op=async_op, scratch=scratch)
+            return host_collectives.reduce_scatter(
+                output, tensor, group=group, async_op=async_op, scratch=scratch
+            )
         return _reduce_scatter_flat(output, tensor, op=op, group=group, async_op=async_op)
     output.copy_(tensor.reshape(output.shape))
     return None
@@ -202,7 +212,9 @@ def reduce_scatter_needs_scratch(tensor: torch.Tensor, group: Any = None) -> boo
     return is_initialized() and host_collectives.serves(tensor, group)
 
 
-def all_to_all_single(output: torch.Tensor, tensor: torch.Tensor, group: Any = None, async_op: bool = False) -> Any:
+def all_to_all_single(
+    output: torch.Tensor, tensor: torch.Tensor, group: Any = None, async_op: bool = False
+) -> Any:
     """Exchange equal chunks of ``tensor`` between all ranks."""
     if is_initialized():
         return dist.all_to_all_single(output, tensor, group=group, async_op=async_op)

@@ -56,7 +56,9 @@ class FlatBuffer:
         return self.flat.numel() * self.flat.element_size()
 
 
-def broadcast_coalesced(tensors: Sequence[torch.Tensor], src: int, group: Any = None, max_elements: int = 2**26) -> None:
+def broadcast_coalesced(
+    tensors: Sequence[torch.Tensor], src: int, group: Any = None, max_elements: int = 2**26
+) -> None:
     """Broadcast ``tensors`` from global rank ``src`` with one collective per bucket and dtype."""
     if not (dist.is_available() and dist.is_initialized()):
         return

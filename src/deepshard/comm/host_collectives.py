@@ -61,7 +61,9 @@ def all_gather(output: torch.Tensor, tensor: torch.Tensor, group: Any = None, as
     mine = tensor.reshape(-1)
     if mine.data_ptr() != chunks[rank].data_ptr():
         chunks[rank].copy_(mine)
-    works = [dist.broadcast(chunks[q], src=_global(group, q), group=group, async_op=True) for q in range(world)]
+    works = [
+        dist.broadcast(chunks[q], src=_global(group, q), group=group, async_op=True) for q in range(world)
+    ]
     handle = ChainedWork(works)
     if async_op:
         return handle

@@ -350,6 +350,7 @@ class DeepShardEngine(torch.nn.Module):
                     combined = ratio * scale
             self.partition.unscale_and_clip(1.0 / combined)
             self.masters.attach_grads(self.partition.reduced_grads())
+            self.partition.begin_update()
             self.optimizer.step()
             self.masters.release_grads()
             self.partition.publish()

@@ -61,7 +61,9 @@ def _gather_rows(local: torch.Tensor, shape: torch.Size, partition: Any) -> torc
 def _my_rows(whole: torch.Tensor, param: torch.Tensor, partition: Any) -> torch.Tensor:
     """This rank's rows of a whole-shaped tensor (the tensor itself when nothing is sharded)."""
     if whole.shape != param.shape:
-        raise ValueError(f"value has shape {tuple(whole.shape)} but the parameter has shape {tuple(param.shape)}")
+        raise ValueError(
+            f"value has shape {tuple(whole.shape)} but the parameter has shape {tuple(param.shape)}"
+        )
     if not partition.stage.shard_optimizer:
         return whole
     start, end = ShardSpec(param.shape, partition.world).row_range(partition.rank)
@@ -84,6 +86,7 @@ def safe_get_full_fp32_param(param: torch.Tensor) -> torch.Tensor:
 def safe_set_full_fp32_param(param: torch.Tensor, value: torch.Tensor) -> None:
     """Set the fp32 master of ``param`` (and the parameter itself) from a whole tensor; call on every rank."""
     partition = _partition_of(param)
+    partition.begin_update()
     with torch.no_grad():
         partition.masters.master_of(param).copy_(_my_rows(value, param, partition))
     partition.publish()  # the module parameter follows its master at once
@@ -131,6 +134,7 @@ def safe_get_local_fp32_param(param: torch.Tensor) -> torch.Tensor:
 def safe_set_local_fp32_param(param: torch.Tensor, value: torch.Tensor) -> None:
     """Overwrite this rank's rows of the fp32 master; the parameter is refreshed (a collective when sharded)."""
     partition = _partition_of(param)
+    partition.begin_update()
     with torch.no_grad():
         partition.masters.master_of(param).copy_(value)
     partition.publish()  # the module parameter follows its master at once

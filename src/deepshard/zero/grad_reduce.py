@@ -173,6 +173,7 @@ class AllReduceGradReducer(_BucketedReducer):
     """Whole gradients in persistent flat buffers, all-reduced at boundaries (stages 0 and 1)."""
 
     reduces_every_micro_step = False
+    sharded_result = False  # what the optimizer gets: whole gradients
 
     def __init__(
         self,
@@ -285,6 +286,7 @@ class ReduceScatterGradReducer(_BucketedReducer):
     """
 
     reduces_every_micro_step = True
+    sharded_result = True  # what the optimizer gets: this rank's rows
 
     def __init__(
         self,

@@ -54,7 +54,9 @@ class ShardSpec:
     def local_shape(self, rank: int) -> torch.Size:
         """Shape of ``rank``'s unpadded shard."""
         start, end = self.row_range(rank)
-        return torch.Size([end - start, *self.shape[1:]]) if len(self.shape) > 0 else torch.Size([end - start])
+        return (
+            torch.Size([end - start, *self.shape[1:]]) if len(self.shape) > 0 else torch.Size([end - start])
+        )
 
 
 class BucketLayout:
@@ -127,7 +129,9 @@ class BucketLayout:
         for rank in range(self.world):
             start, end = spec.row_range(rank)
             if end > start:
-                dst[start:end].copy_(cols[rank, : (end - start) * spec.row_numel].view(end - start, spec.row_numel))
+                dst[start:end].copy_(
+                    cols[rank, : (end - start) * spec.row_numel].view(end - start, spec.row_numel)
+                )
 
     def segment_view(self, segment: torch.Tensor, index: int, rank: int) -> torch.Tensor:
         """Member ``index``'s unpadded shard inside one rank's ``segment``, shaped as the local shard."""

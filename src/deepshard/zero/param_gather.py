@@ -20,7 +20,6 @@ import torch
 
 from deepshard import comm
 from deepshard.comm.bucketing import plan_buckets
-from deepshard.comm.shm_window import HostWindow
 from deepshard.precision.master import MasterWeights, as_rows
 from deepshard.zero.layout import BucketLayout
 
@@ -43,15 +42,6 @@ class ParamGatherer:
         self._buffers: list[torch.Tensor] = []
         self._rows: list[list[list[torch.Tensor]]] = []
         self._ptrs: list[int] = []
-        # ranks sharing one host exchange shards through shared memory (collective: all ranks build it)
-        segment_bytes = max(
-            (
-                layout.segment_numel * members[0].element_size()
-                for members, layout in zip(self.buckets, self.layouts)
-            ),
-            default=0,
-        )
-        self.window = HostWindow.create(group, segment_bytes, slots=2) if world > 1 else None
 
     def _bind_rows(self) -> None:
         """Per bucket and rank, views of the parameters' rows (rebuilt if a parameter's storage moved)."""
@@ -92,9 +82,6 @@ class ParamGatherer:
                     [r for per_rank in self._rows for r in per_rank[0]], masters.masters_of(self.params)
                 )
             return
-        if self.window is not None:
-            self._gather_shared(masters, self.window)
-            return
         pending: list[tuple[int, Any, torch.Tensor]] = []
         for b, (members, layout) in enumerate(zip(self.buckets, self.layouts)):
             if len(pending) == 2:  # this bucket reuses the buffer of the one two back
@@ -121,30 +108,6 @@ class ParamGatherer:
             torch._foreach_copy_(
                 self._rows[b][self.rank], [d.view(r.shape) for d, r in zip(dst, self._rows[b][self.rank])]
             )
-
-    def _gather_shared(self, masters: MasterWeights, window: HostWindow) -> None:
-        """The same exchange through a shared-memory window: write own segment, fence, read the others'.
-
-        Buckets alternate between two slots; writing bucket ``b`` after the fence of ``b - 1`` is safe
-        because every rank passed that fence only after reading bucket ``b - 2`` from the same slot.
-        """
-        for b, (members, layout) in enumerate(zip(self.buckets, self.layouts)):
-            dtype = members[0].dtype
-            self._pack(b, masters, window.region(self.rank, b % 2, dtype, layout.segment_numel))
-            window.fence()
-            dst: list[torch.Tensor] = []
-            src: list[torch.Tensor] = []
-            for q in range(self.world):
-                if q == self.rank:
-                    continue
-                segment = window.region(q, b % 2, dtype, layout.segment_numel)
-                for slot, rows in enumerate(self._rows[b][q]):
-                    if rows.numel():
-                        dst.append(rows)
-                        src.append(layout.segment_view(segment, slot, q).view(rows.shape))
-            if dst:
-                torch._foreach_copy_(dst, src)
-        window.fence()  # nobody writes a slot again before everyone has read it
 
     def _unpack(self, b: int, work: Any, full: torch.Tensor) -> None:
         if work is not None:

@@ -23,9 +23,11 @@ from deepshard.zero.grad_reduce import (
 )
 from deepshard.zero.layout import ShardSpec
 from deepshard.zero.param_gather import ParamGatherer
+from deepshard.zero.shared_grads import SharedRowReducer, try_shared_row_reducer
+from deepshard.zero.shared_params import SharedParameters
 from deepshard.zero.stage import ZeroStage
 
-Reducer = AllReduceGradReducer | ReduceScatterGradReducer
+Reducer = AllReduceGradReducer | ReduceScatterGradReducer | SharedRowReducer
 
 STAGE0_DEFAULT_BUCKET_BYTES = 25 * 2**20
 
@@ -41,11 +43,12 @@ class ZeroPartition:
     reducer: Reducer
     masters: MasterWeights
     gatherer: ParamGatherer | None
+    shared: SharedParameters | None = None
     optimizer: torch.optim.Optimizer | None = None  # set by the engine once built (fragment API)
 
     def reduced_grads(self) -> dict[int, torch.Tensor]:
         """``id(param) -> reduced gradient``: whole (stages 0-1) or this rank's shard (stage 2)."""
-        if isinstance(self.reducer, ReduceScatterGradReducer):
+        if isinstance(self.reducer, ReduceScatterGradReducer | SharedRowReducer):
             return self.reducer.shard_grads()
         return self.reducer.full_grads()
 
@@ -63,7 +66,7 @@ class ZeroPartition:
             sumsq = torch.stack([n.float() for n in norms]).square().sum()
         else:
             sumsq = torch.zeros((), dtype=torch.float32)
-        if self.stage.shard_gradients and self.world > 1:
+        if self.reducer.sharded_result and self.world > 1:
             dist.all_reduce(sumsq, group=self.group)
         return float(sumsq.sqrt())
 
@@ -72,9 +75,16 @@ class ZeroPartition:
         if factor != 1.0:
             torch._foreach_mul_(self.reducer.flat_grads(), factor)
 
+    def begin_update(self) -> None:
+        """Before masters or parameters are written (step, fragment setters, loads); collective when shared."""
+        if self.shared is not None:
+            self.shared.begin_update()
+
     def publish(self) -> None:
         """After the optimizer step: make the updated parameters whole in the module on every rank."""
-        if self.gatherer is not None:
+        if self.shared is not None:
+            self.shared.finish_update(self.masters)
+        elif self.gatherer is not None:
             self.gatherer.gather(self.masters)
         else:
             self.masters.copy_to_model()
@@ -99,18 +109,30 @@ def build_partition(
         bucket = STAGE0_DEFAULT_BUCKET_BYTES // torch.empty((), dtype=policy.grad_dtype).element_size()
     # Stage 0 always overlaps (DeepSpeed has no switch there); stages 1-2 follow overlap_comm.
     overlap = bool(zero_cfg.effective_overlap_comm) or stage.stage == 0
-    reducer: Reducer
+    row_range = (lambda p: ShardSpec(p.shape, world).row_range(rank)) if stage.shard_optimizer else None
+    reducer: Reducer | None = None
     if stage.shard_gradients:
         reducer = ReduceScatterGradReducer(
             trainable, policy.grad_dtype, bucket, spec, rank=rank, group=group, overlap=overlap
         )
-    else:
-        reducer = AllReduceGradReducer(trainable, policy.grad_dtype, bucket, spec, group=group, overlap=overlap)
-    row_range = (lambda p: ShardSpec(p.shape, world).row_range(rank)) if stage.shard_optimizer else None
+    elif row_range is not None and world > 1:
+        # stage 1 on one host: gradients in shared memory, each rank reduces only its own rows
+        reducer = try_shared_row_reducer(trainable, policy.grad_dtype, bucket, spec, rank, row_range, group)
+    if reducer is None:
+        reducer = AllReduceGradReducer(
+            trainable, policy.grad_dtype, bucket, spec, group=group, overlap=overlap
+        )
+    # stages 1-2 on one host: one shared copy of the parameters replaces the all-gather (before the
+    # masters are made, since fp32 masters are views of the parameters' rows)
+    shared = (
+        SharedParameters.create(trainable, group)
+        if stage.shard_optimizer and not stage.shard_parameters and world > 1
+        else None
+    )
     masters = MasterWeights(trainable, needs_fp32_copy=policy.needs_master, row_range=row_range)
     gatherer = (
         ParamGatherer(trainable, rank, world, int(zero_cfg.allgather_bucket_size), group)
-        if stage.shard_optimizer
+        if stage.shard_optimizer and shared is None
         else None
     )
-    return ZeroPartition(stage, rank, world, group, reducer, masters, gatherer)
+    return ZeroPartition(stage, rank, world, group, reducer, masters, gatherer, shared)

@@ -30,7 +30,9 @@ class ZeroStage:
         """The stage for DeepSpeed's ``zero_optimization.stage`` value."""
         if stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
-        return cls(stage=stage, shard_optimizer=stage >= 1, shard_gradients=stage >= 2, shard_parameters=stage >= 3)
+        return cls(
+            stage=stage, shard_optimizer=stage >= 1, shard_gradients=stage >= 2, shard_parameters=stage >= 3
+        )
 
     def model_state_bytes(self, num_params: int, world: int, mixed_precision: bool = True) -> float:
         """The ZeRO paper's model-state bytes per rank with Adam (16 bytes/param mixed, 16 fp32 minus masters)."""

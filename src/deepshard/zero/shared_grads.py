@@ -1,0 +1,140 @@
+"""Stage-1 gradient reduction through shared memory, for the ranks of one host.
+
+At ZeRO stage 1 each rank steps only its own dim-0 rows, so of the reduced gradient it needs only
+those rows; an all-reduce hands every rank all of them. On one host the ranks can instead keep their
+gradient buffers in one shared mapping (:func:`deepshard.comm.host_shm.shared_storage`, one region per
+rank): backward accumulates into them exactly as the all-reduce reducer's buffers (``param.grad`` is
+a view), and at the accumulation boundary, after a fence, each rank sums its own rows over all ranks'
+regions into its own region. No bytes cross a socket; each rank reads ``Ψ`` elements and writes
+``Ψ / N``, instead of moving ``2Ψ (N-1)/N`` through gloo's ring.
+
+What the optimizer gets are this rank's rows (as at stage 2); the rest of its buffer holds its local,
+unreduced gradients until the next ``zero()``. Conditions: one host, gloo, gradients in the
+parameters' dtype (``param.grad`` is a buffer view); otherwise :func:`try_shared_row_reducer`
+returns ``None`` and the all-reduce reducer is used. ``DEEPSHARD_HOST_SHM=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from deepshard.comm.host_shm import shared_storage
+from deepshard.precision.master import as_rows
+from deepshard.zero.grad_reduce import AllReduceGradReducer, ReduceSpec
+
+RowRange = Callable[[torch.Tensor], tuple[int, int]]
+
+
+class SharedRowReducer(AllReduceGradReducer):
+    """:class:`AllReduceGradReducer` whose buffers live in shared memory and whose result is own rows."""
+
+    sharded_result = True
+
+    def __init__(
+        self,
+        params: Sequence[torch.nn.Parameter],
+        grad_dtype: torch.dtype,
+        bucket_elements: int,
+        spec: ReduceSpec,
+        rank: int,
+        row_range: RowRange,
+        storage: torch.Tensor,
+        group: Any = None,
+    ) -> None:
+        super().__init__(params, grad_dtype, bucket_elements, spec, group=group, overlap=False)
+        self.rank = rank
+        world = spec.world_size
+        region = storage.numel() // world
+        # re-home every bucket buffer into this rank's region; keep the views of every rank's region
+        regions = [storage[q * region : (q + 1) * region].view(grad_dtype) for q in range(world)]
+        offsets, offset = [], 0
+        for buf in self.buffers:
+            offsets.append(offset)
+            offset += buf.numel
+        self._own: list[torch.Tensor] = []  # this rank's rows of each parameter, in its own region
+        self._peers: list[list[torch.Tensor]] = [[] for _ in range(world)]  # the same rows in each region
+        self._param_rows: dict[int, torch.Tensor] = {}
+        for buf, bucket, start in zip(self.buffers, self.buckets, offsets):
+            mine = regions[rank][start : start + buf.numel]
+            mine.copy_(buf.flat)
+            buf.flat = mine
+            buf.views = [mine[o : o + s.numel()].view(s) for o, s in zip(buf.offsets, buf.shapes)]
+            for p, o, shape in zip(bucket.params, buf.offsets, buf.shapes):
+                lo, hi = row_range(p)
+                for q in range(world):
+                    rows = as_rows(regions[q][start + o : start + o + shape.numel()].view(shape))[lo:hi]
+                    if q == rank:
+                        self._own.append(rows)
+                        self._param_rows[id(p)] = rows
+                    else:
+                        self._peers[q].append(rows)
+        self._storage = storage
+        self._bind_views()
+
+    # per-bucket collectives are replaced by one reduction of own rows at the end of backward
+    def _start(self, b: int) -> None:
+        return None
+
+    def _land(self, b: int) -> None:
+        return None
+
+    def finish(self) -> None:
+        """At a reducing backward: fence, then sum this rank's rows over every rank's region."""
+        if not self._reducing:
+            return
+        self._reducing = False
+        dist.barrier(group=self.group)  # every rank's gradients are complete
+        own = [t for t in self._own if t.numel()]
+        if own:
+            before = self.spec.before()
+            if before != 1.0:
+                torch._foreach_mul_(own, before)
+            for q, peer in enumerate(self._peers):
+                if q == self.rank:
+                    continue
+                src = [t for t in peer if t.numel()]
+                if before != 1.0:
+                    torch._foreach_add_(own, src, alpha=before)
+                else:
+                    torch._foreach_add_(own, src)
+            after = self.spec.after()
+            if after != 1.0:
+                torch._foreach_mul_(own, after)
+        dist.barrier(group=self.group)  # nobody zeroes its region while another still reads it
+
+    def shard_grads(self) -> dict[int, torch.Tensor]:
+        """``id(param) -> this rank's reduced rows``."""
+        return dict(self._param_rows)
+
+    def flat_grads(self) -> list[torch.Tensor]:
+        """This rank's reduced rows (the norm and clipping act on these only)."""
+        return [t for t in self._own if t.numel()]
+
+
+def try_shared_row_reducer(
+    params: Sequence[torch.nn.Parameter],
+    grad_dtype: torch.dtype,
+    bucket_elements: int,
+    spec: ReduceSpec,
+    rank: int,
+    row_range: RowRange,
+    group: Any = None,
+) -> SharedRowReducer | None:
+    """A :class:`SharedRowReducer` where the ranks share a host (collective), else ``None``."""
+    if spec.world_size == 1:
+        return None
+    ok = all(p.device.type == "cpu" and p.dtype == grad_dtype for p in params)
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    if int(flag) == 0:
+        return None
+    nbytes = sum(p.numel() for p in params) * torch.empty((), dtype=grad_dtype).element_size()
+    nbytes = -(-nbytes // 64) * 64
+    storage = shared_storage(group, nbytes * spec.world_size)
+    if storage is None:
+        return None
+    return SharedRowReducer(params, grad_dtype, bucket_elements, spec, rank, row_range, storage, group)

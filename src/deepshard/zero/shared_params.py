@@ -1,0 +1,106 @@
+"""One copy of the trainable parameters for all ranks of a host (ZeRO stages 1 and 2 on gloo).
+
+At stages 1 and 2 every rank holds the whole parameters, identical on all ranks, and after each step
+the ranks exchange the rows they updated. When all ranks of the data-parallel group run on one host,
+that exchange can vanish: the parameters are placed in one shared-memory mapping
+(:func:`deepshard.comm.host_shm.shared_storage`) that every rank's module points at, and each rank's
+optimizer writes its own rows straight into it. Publishing the update is then a fence, not an
+all-gather: no bytes are copied, and the host holds the parameters once instead of once per rank.
+
+The protocol around an update (the engine's step, the fragment setters, checkpoint loads):
+``begin_update()`` fences, so that no rank still reads the parameters (a forward or backward in
+flight) when another starts writing; each rank writes only its own rows (or every rank writes the
+same values); ``finish_update()`` casts this rank's masters into its rows where the masters are fp32
+copies, then fences, so that every rank sees every row before it reads again.
+
+Conditions: a gloo group on one host, CPU parameters; otherwise :meth:`SharedParameters.create`
+returns ``None`` and the all-gather path is used. ``DEEPSHARD_HOST_SHM=0`` turns it off. The
+parameters' storage must not be replaced after ``initialize`` (``module.to(...)``, ``.half()``); a
+step detects that and stops with an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from deepshard.comm.host_shm import shared_storage
+from deepshard.precision.master import MasterWeights, as_rows
+
+_ALIGN = 64
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
+class SharedParameters:
+    """The trainable parameters re-homed into one mapping shared by the ranks of a host."""
+
+    def __init__(self, params: list[torch.Tensor], storage: torch.Tensor, group: Any) -> None:
+        self.params = params
+        self.storage = storage
+        self.group = group
+        self._ptrs = [p.data_ptr() for p in params]
+
+    @classmethod
+    @torch.no_grad()
+    def create(cls, params: Sequence[torch.Tensor], group: Any = None) -> SharedParameters | None:
+        """Move ``params`` (identical on every rank) into shared memory; collective; ``None`` if impossible."""
+        params = list(params)
+        local_ok = all(p.device.type == "cpu" and p.is_contiguous() for p in params) and bool(params)
+        flag = torch.tensor([1 if local_ok else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+        if int(flag) == 0:
+            return None
+        sizes = [_aligned(p.numel() * p.element_size()) for p in params]
+        storage = shared_storage(group, sum(sizes))
+        if storage is None:
+            return None
+        views = []
+        offset = 0
+        for p, size in zip(params, sizes):
+            nbytes = p.numel() * p.element_size()
+            views.append(storage[offset : offset + nbytes].view(p.dtype).view(p.shape))
+            offset += size
+        if dist.get_rank(group) == 0:
+            for p, view in zip(params, views):
+                view.copy_(p.data)
+        dist.barrier(group=group)
+        for p, view in zip(params, views):
+            p.data = view
+        return cls(params, storage, group)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the shared mapping (mapped once per host)."""
+        return int(self.storage.numel())
+
+    def _check(self) -> None:
+        if [p.data_ptr() for p in self.params] != self._ptrs:
+            raise RuntimeError(
+                "a parameter's storage was replaced after deepshard.initialize() (e.g. engine.module.to(...) or "
+                ".half()); at ZeRO stages 1-2 on one host the parameters live in shared memory, so move or cast "
+                "the model before initialize(), or set DEEPSHARD_HOST_SHM=0."
+            )
+
+    def begin_update(self) -> None:
+        """Wait until no rank reads the parameters any more (call before writing rows)."""
+        self._check()
+        dist.barrier(group=self.group)
+
+    @torch.no_grad()
+    def finish_update(self, masters: MasterWeights) -> None:
+        """Write this rank's fp32 masters into its rows when they are copies, then make all rows visible."""
+        if masters.needs_fp32_copy:
+            rows = [
+                as_rows(p.data)[r[0] : r[1]] if r is not None else p.data
+                for p, r in zip(masters.params, masters.ranges)
+            ]
+            pairs = [(dst, src.view(dst.shape)) for dst, src in zip(rows, masters.masters) if dst.numel()]
+            if pairs:
+                torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
+        dist.barrier(group=self.group)
