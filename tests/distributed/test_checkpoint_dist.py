@@ -10,7 +10,7 @@ import torch
 
 import deepshard
 from deepshard.testing.models import GPT, PRESETS
-from deepshard.testing.parity import make_token_batches, max_relative_difference, rank_slice
+from deepshard.testing.parity import make_token_batches, max_relative_difference, train_engine
 
 TINY = PRESETS["tiny"]
 GLOBAL_BATCH = 4
@@ -30,20 +30,6 @@ def _engine(world: int, precision: str | None = None):
     return engine
 
 
-def _train(engine, batches, world: int) -> list[float]:
-    rank = deepshard.comm.get_rank()
-    losses = []
-    for batch in batches:
-        x, y = rank_slice(batch, rank, world)
-        loss = engine(x, y)
-        engine.backward(loss)
-        engine.step()
-        total = loss.detach().float().clone()
-        deepshard.comm.all_reduce(total)
-        losses.append(float(total) / world)
-    return losses
-
-
 def _state(engine) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
 
@@ -51,10 +37,10 @@ def _state(engine) -> dict[str, torch.Tensor]:
 def save_then_continue(root: str, precision: str | None, async_save: bool) -> dict[str, Any]:
     world = deepshard.comm.get_world_size()
     engine = _engine(world, precision)
-    _train(engine, BATCHES[:3], world)
+    train_engine(engine, BATCHES[:3])
     saved = _state(engine)
     path = engine.save_checkpoint(root, async_save=async_save)
-    losses = _train(engine, BATCHES[3:], world)  # overlaps the write when async
+    losses = train_engine(engine, BATCHES[3:])  # overlaps the write when async
     engine.wait_for_checkpoint()
     return {"path": path, "saved": saved, "losses": losses}
 
@@ -64,7 +50,7 @@ def load_then_continue(root: str, precision: str | None) -> dict[str, Any]:
     engine = _engine(world, precision)
     path, _ = engine.load_checkpoint(root)
     loaded = _state(engine)
-    return {"path": path, "loaded": loaded, "steps": engine.global_steps, "losses": _train(engine, BATCHES[3:], world)}
+    return {"path": path, "loaded": loaded, "steps": engine.global_steps, "losses": train_engine(engine, BATCHES[3:])}
 
 
 def test_save_on_2_load_on_1_and_4(dist2, dist4, tmp_path):

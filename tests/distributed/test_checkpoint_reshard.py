@@ -25,7 +25,7 @@ import deepshard
 from deepshard.checkpoint import export_safetensors, get_fp32_state_dict_from_zero_checkpoint
 from deepshard.checkpoint.load import tensor_metadata
 from deepshard.testing.models import GPT, PRESETS
-from deepshard.testing.parity import make_token_batches, max_relative_difference, rank_slice
+from deepshard.testing.parity import make_token_batches, max_relative_difference, train_engine
 from deepshard.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
 ODD = PRESETS["odd"]
@@ -56,21 +56,6 @@ def _world() -> int:
     return deepshard.comm.get_world_size() if torch.distributed.is_initialized() else 1
 
 
-def _train(engine: Any, batches: list[Any]) -> list[float]:
-    world, rank = _world(), (deepshard.comm.get_rank() if _world() > 1 else 0)
-    losses = []
-    for batch in batches:
-        x, y = rank_slice(batch, rank, world)
-        loss = engine(x, y)
-        engine.backward(loss)
-        engine.step()
-        total = loss.detach().float().clone()
-        if world > 1:
-            deepshard.comm.all_reduce(total)
-        losses.append(float(total) / world)
-    return losses
-
-
 def _full_state(engine: Any) -> dict[str, torch.Tensor]:
     """Collective: module state, whole fp32 masters and whole optimizer state, by name."""
     out = {f"model.{k}": v.detach().float().clone() for k, v in engine.module.state_dict().items()}
@@ -89,10 +74,10 @@ def save_runs(root: str, precision: str, plans: list[tuple[str, int]]) -> dict[s
     out = {}
     for name, stage in plans:
         engine = _engine(_world(), stage, precision)
-        _train(engine, BATCHES[:SAVE_AT])
+        train_engine(engine, BATCHES[:SAVE_AT])
         state = _full_state(engine)
         engine.save_checkpoint(f"{root}/{name}", async_save=stage == 1)  # stage 1: written in the background
-        out[name] = {"state": state, "losses": _train(engine, BATCHES[SAVE_AT:])}
+        out[name] = {"state": state, "losses": train_engine(engine, BATCHES[SAVE_AT:])}
         engine.wait_for_checkpoint()
     return out
 
@@ -104,7 +89,7 @@ def load_runs(root: str, precision: str, plans: list[tuple[str, int]]) -> list[d
         engine = _engine(_world(), stage, precision)
         path, _ = engine.load_checkpoint(f"{root}/{name}")
         assert path is not None and engine.global_steps == SAVE_AT
-        out.append({"state": _full_state(engine), "losses": _train(engine, BATCHES[SAVE_AT:])})
+        out.append({"state": _full_state(engine), "losses": train_engine(engine, BATCHES[SAVE_AT:])})
     return out
 
 

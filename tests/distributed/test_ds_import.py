@@ -23,7 +23,7 @@ from deepshard.checkpoint import CorruptCheckpointError, get_fp32_state_dict_fro
 from deepshard.checkpoint.convert import main as convert_main
 from deepshard.checkpoint.deepspeed_import import read_deepspeed_checkpoint
 from deepshard.testing.models import GPT, GPTConfig
-from deepshard.testing.parity import make_token_batches, max_relative_difference, rank_slice
+from deepshard.testing.parity import make_token_batches, max_relative_difference, train_engine
 from deepshard.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "deepspeed"
@@ -76,8 +76,6 @@ def _summary(engine: Any) -> dict[str, dict[str, list[float]]]:
 
 def resume_runs(plans: list[tuple[str, int]]) -> list[dict[str, Any]]:
     """For each ``(variant, stage)``: load the DeepSpeed fixture into a fresh engine, record its state, train on."""
-    world = _world()
-    rank = deepshard.comm.get_rank() if world > 1 else 0
     out = []
     for variant, stage in plans:
         ref = reference(variant)
@@ -98,17 +96,7 @@ def resume_runs(plans: list[tuple[str, int]]) -> list[dict[str, Any]]:
             ref["data"]["count"],
             seed=ref["data"]["seed"],
         )[ref["global_steps"] :]
-        losses = []
-        for batch in batches:
-            x, y = rank_slice(batch, rank, world)
-            loss = engine(x, y)
-            engine.backward(loss)
-            engine.step()
-            total = loss.detach().float().clone()
-            if world > 1:
-                deepshard.comm.all_reduce(total)
-            losses.append(float(total) / world)
-        record["losses"] = losses
+        record["losses"] = train_engine(engine, batches)
         out.append(record)
     return out
 

@@ -24,7 +24,7 @@ import torch
 
 from deepshard.checkpoint import _dist
 from deepshard.checkpoint.deepspeed_import import DeepSpeedState, read_deepspeed_checkpoint
-from deepshard.checkpoint.load import LoadOptions
+from deepshard.checkpoint.load import LoadOptions, check_module_match
 from deepshard.checkpoint.manifest import CorruptCheckpointError
 from deepshard.checkpoint.state import RowShard, master_pairs, module_entries, optimizer_fqns, row_shards
 from deepshard.utils.logging import log_dist
@@ -65,18 +65,9 @@ def _module_sources(engine: Any, state: DeepSpeedState, opts: LoadOptions) -> di
     entries = module_entries(engine.module)
     current = set(entries.tensors) | set(entries.aliases)
     saved = set(state.weights) | set(state.aliases)
-    missing, unexpected = sorted(current - saved), sorted(saved - current)
-    if opts.strict and (missing or unexpected):
-        raise ValueError(
-            f"the DeepSpeed checkpoint {state.path} does not match the model: missing {missing[:8]}, unexpected "
-            f"{unexpected[:8]}. Pass load_module_strict=False to load the matching entries only."
-        )
-    if missing or unexpected:
-        log_dist(
-            f"loading {state.path} non-strictly: missing {missing}, unexpected {unexpected}",
-            ranks=[0],
-            level=logging.WARNING,
-        )
+    check_module_match(
+        f"the DeepSpeed checkpoint {state.path}", sorted(current - saved), sorted(saved - current), opts.strict
+    )
     out = {}
     for key, tensor in entries.tensors.items():
         source = _source(state, key)

@@ -134,6 +134,19 @@ def _check_shape(key: str, meta: TensorStorageMetadata, shape: torch.Size, path:
         )
 
 
+def check_module_match(what: str, missing: list[str], unexpected: list[str], strict: bool) -> None:
+    """Refuse (strict) or warn about module entries that the checkpoint ``what`` lacks or has extra."""
+    if strict and (missing or unexpected):
+        raise ValueError(
+            f"{what} does not match the model: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}. Pass load_module_strict=False to "
+            "load the matching entries only."
+        )
+    if missing or unexpected:
+        log_dist(f"loading {what} non-strictly: missing {missing}, unexpected {unexpected}", ranks=[0],
+                 level=logging.WARNING)  # fmt: skip
+
+
 def _module_keys(engine: Any, path: Path, es: dict[str, Any], opts: LoadOptions) -> dict[str, str]:
     """Module state key -> the saved name it loads from (tied names resolved), after the strictness check."""
     entries = module_entries(engine.module)
@@ -141,20 +154,10 @@ def _module_keys(engine: Any, path: Path, es: dict[str, Any], opts: LoadOptions)
     saved_names = set(saved["keys"]) | set(saved["aliases"])
     current_names = set(entries.tensors) | set(entries.aliases)
     excluded = set(saved["excluded_frozen"])
-    missing = sorted(current_names - saved_names - excluded)
-    unexpected = sorted(saved_names - current_names)
-    if opts.strict and (missing or unexpected):
-        raise ValueError(
-            f"the checkpoint {path} does not match the model: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}. Pass load_module_strict=False to load "
-            "the matching entries only."
-        )
-    if missing or unexpected:
-        log_dist(
-            f"loading {path} non-strictly: missing {missing}, unexpected {unexpected}",
-            ranks=[0],
-            level=logging.WARNING,
-        )
+    check_module_match(
+        f"the checkpoint {path}", sorted(current_names - saved_names - excluded), sorted(saved_names - current_names),
+        opts.strict,
+    )  # fmt: skip
     out = {}
     for key in entries.tensors:
         source = saved["aliases"].get(key, key)

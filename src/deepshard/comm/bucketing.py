@@ -40,12 +40,19 @@ class FlatBuffer:
     Member ``i`` occupies ``flat[offsets[i] : offsets[i] + numel_i]``; ``views[i]`` has its shape.
     """
 
-    def __init__(self, shapes: Sequence[torch.Size], dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        shapes: Sequence[torch.Size],
+        dtype: torch.dtype,
+        device: torch.device,
+        flat: torch.Tensor | None = None,
+    ) -> None:
+        """``flat``: zeroed memory to use (e.g. shared memory) instead of a new allocation."""
         self.shapes = [torch.Size(s) for s in shapes]
         numels = [s.numel() for s in self.shapes]
         self.offsets = [sum(numels[:i]) for i in range(len(numels))]
         self.numel = sum(numels)
-        self.flat = torch.zeros(self.numel, dtype=dtype, device=device)
+        self.flat = torch.zeros(self.numel, dtype=dtype, device=device) if flat is None else flat[: self.numel]
         self.views = [
             self.flat[off : off + n].view(shape) for off, n, shape in zip(self.offsets, numels, self.shapes)
         ]

@@ -14,6 +14,7 @@ otherwise ``None`` is returned and callers use collectives. ``DEEPSHARD_HOST_SHM
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import socket
@@ -82,3 +83,33 @@ def shared_storage(group: Any, nbytes: int) -> torch.Tensor | None:
         logger.info("shared memory not available (%s); using gloo collectives", error or "another rank")
         return None
     return storage
+
+
+def release_freed_heap() -> None:
+    """Give freed heap memory back to the OS (glibc's ``malloc_trim``; a no-op where unavailable).
+
+    Tensors smaller than glibc's mmap threshold live on the heap, and freeing them does not lower the
+    resident set size. Call this after moving many such tensors into shared memory, so that the
+    private copies they leave behind stop counting.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+_MADV_DONTNEED = 4
+PAGE = 4096
+
+
+def unmap_pages(tensor: torch.Tensor) -> None:
+    """Drop this process's page mappings of a page-aligned range of shared memory; the data stays.
+
+    The next access maps the pages again (a minor fault each). Used after reading another rank's
+    region, so that pages this process only read once per step do not count in its resident set.
+    """
+    start = tensor.data_ptr()
+    nbytes = tensor.numel() * tensor.element_size()
+    if start % PAGE or nbytes <= 0:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(nbytes - nbytes % PAGE), _MADV_DONTNEED)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -31,6 +32,23 @@ def rank_slice(batch: Batch, rank: int, world: int) -> Batch:
     x, y = batch
     per = x.shape[0] // world
     return x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
+
+
+def train_engine(engine: Any, global_batches: list[Batch]) -> list[float]:
+    """One engine step per global batch (this rank's slice); the per-step loss averaged over ranks."""
+    import deepshard
+
+    world, rank = deepshard.comm.get_world_size(), deepshard.comm.get_rank()
+    losses = []
+    for batch in global_batches:
+        x, y = rank_slice(batch, rank, world)
+        loss = engine(x, y)
+        engine.backward(loss)
+        engine.step()
+        total = loss.detach().float().clone()
+        deepshard.comm.all_reduce(total)
+        losses.append(float(total) / world)
+    return losses
 
 
 @dataclass

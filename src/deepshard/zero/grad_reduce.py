@@ -185,11 +185,13 @@ class AllReduceGradReducer(_BucketedReducer):
         overlap: bool = True,
     ) -> None:
         super().__init__(params, grad_dtype, bucket_elements, spec, group, overlap)
-        self.buffers = [
-            FlatBuffer([p.shape for p in b.params], grad_dtype, b.params[0].device) for b in self.buckets
-        ]
+        self.buffers = self._make_buffers(grad_dtype)
         self.in_place = all(p.dtype == grad_dtype for b in self.buckets for p in b.params)
         self._bind_views()
+
+    def _make_buffers(self, grad_dtype: torch.dtype) -> list[FlatBuffer]:
+        """One flat gradient buffer per bucket (subclasses may place them elsewhere)."""
+        return [FlatBuffer([p.shape for p in b.params], grad_dtype, b.params[0].device) for b in self.buckets]
 
     def _bind_views(self) -> None:
         """Point ``param.grad`` at its bucket view (in-place mode), keeping any gradient already there."""

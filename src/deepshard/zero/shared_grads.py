@@ -22,7 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from deepshard.comm.host_shm import shared_storage
+from deepshard.comm.bucketing import FlatBuffer
+from deepshard.comm.host_shm import PAGE, shared_storage, unmap_pages
 from deepshard.precision.master import as_rows
 from deepshard.zero.grad_reduce import AllReduceGradReducer, ReduceSpec
 
@@ -45,35 +46,38 @@ class SharedRowReducer(AllReduceGradReducer):
         storage: torch.Tensor,
         group: Any = None,
     ) -> None:
-        super().__init__(params, grad_dtype, bucket_elements, spec, group=group, overlap=False)
-        self.rank = rank
         world = spec.world_size
         region = storage.numel() // world
-        # re-home every bucket buffer into this rank's region; keep the views of every rank's region
-        regions = [storage[q * region : (q + 1) * region].view(grad_dtype) for q in range(world)]
-        offsets, offset = [], 0
-        for buf in self.buffers:
-            offsets.append(offset)
-            offset += buf.numel
+        # every rank's region of the mapping; this rank's buffers are made in its own (no private copy)
+        self._regions = [storage[q * region : (q + 1) * region].view(grad_dtype) for q in range(world)]
+        self._rank = rank
+        super().__init__(params, grad_dtype, bucket_elements, spec, group=group, overlap=False)
+        self.rank = rank
         self._own: list[torch.Tensor] = []  # this rank's rows of each parameter, in its own region
         self._peers: list[list[torch.Tensor]] = [[] for _ in range(world)]  # the same rows in each region
         self._param_rows: dict[int, torch.Tensor] = {}
-        for buf, bucket, start in zip(self.buffers, self.buckets, offsets):
-            mine = regions[rank][start : start + buf.numel]
-            mine.copy_(buf.flat)
-            buf.flat = mine
-            buf.views = [mine[o : o + s.numel()].view(s) for o, s in zip(buf.offsets, buf.shapes)]
+        start = 0
+        for buf, bucket in zip(self.buffers, self.buckets):
             for p, o, shape in zip(bucket.params, buf.offsets, buf.shapes):
                 lo, hi = row_range(p)
                 for q in range(world):
-                    rows = as_rows(regions[q][start + o : start + o + shape.numel()].view(shape))[lo:hi]
+                    rows = as_rows(self._regions[q][start + o : start + o + shape.numel()].view(shape))[lo:hi]
                     if q == rank:
                         self._own.append(rows)
                         self._param_rows[id(p)] = rows
                     else:
                         self._peers[q].append(rows)
+            start += buf.numel
         self._storage = storage
-        self._bind_views()
+
+    def _make_buffers(self, grad_dtype: torch.dtype) -> list[FlatBuffer]:
+        mine = self._regions[self._rank]  # zero-filled: a fresh shared mapping
+        buffers, start = [], 0
+        for bucket in self.buckets:
+            buf = FlatBuffer([p.shape for p in bucket.params], grad_dtype, mine.device, flat=mine[start:])
+            buffers.append(buf)
+            start += buf.numel
+        return buffers
 
     # per-bucket collectives are replaced by one reduction of own rows at the end of backward
     def _start(self, b: int) -> None:
@@ -105,6 +109,9 @@ class SharedRowReducer(AllReduceGradReducer):
             if after != 1.0:
                 torch._foreach_mul_(own, after)
         dist.barrier(group=self.group)  # nobody zeroes its region while another still reads it
+        for q, region in enumerate(self._regions):
+            if q != self.rank:
+                unmap_pages(region)  # the others' regions were only read: do not keep them resident
 
     def shard_grads(self) -> dict[int, torch.Tensor]:
         """``id(param) -> this rank's reduced rows``."""
@@ -133,7 +140,7 @@ def try_shared_row_reducer(
     if int(flag) == 0:
         return None
     nbytes = sum(p.numel() for p in params) * torch.empty((), dtype=grad_dtype).element_size()
-    nbytes = -(-nbytes // 64) * 64
+    nbytes = -(-nbytes // PAGE) * PAGE  # page-aligned regions (see unmap_pages)
     storage = shared_storage(group, nbytes * spec.world_size)
     if storage is None:
         return None

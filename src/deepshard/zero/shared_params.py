@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from deepshard.comm.host_shm import shared_storage
+from deepshard.comm.host_shm import release_freed_heap, shared_storage
 from deepshard.precision.master import MasterWeights, as_rows
 
 _ALIGN = 64
@@ -72,6 +72,7 @@ class SharedParameters:
         dist.barrier(group=group)
         for p, view in zip(params, views):
             p.data = view
+        release_freed_heap()  # the private copies just dropped
         return cls(params, storage, group)
 
     @property
