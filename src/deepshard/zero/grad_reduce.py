@@ -308,8 +308,11 @@ class ReduceScatterGradReducer(_BucketedReducer):
         self.shards = [
             torch.zeros(layout.segment_numel, dtype=grad_dtype, device=device) for layout in self.layouts
         ]
-        self._slot_numel = max((layout.full_numel for layout in self.layouts), default=0)
-        self._slot_segment = max((layout.segment_numel for layout in self.layouts), default=0)
+        # pooled sets fit the buckets that respect the bucket size; a bucket holding one parameter larger
+        # than that (an embedding, say) gets a set of its own size for its reduction only
+        fitting = [layout for layout in self.layouts if layout.full_numel <= 2 * bucket_elements] or self.layouts
+        self._slot_numel = max((layout.full_numel for layout in fitting), default=0)
+        self._slot_segment = max((layout.segment_numel for layout in fitting), default=0)
         probe = torch.empty(0, dtype=spec.reduce_dtype, device=device)
         self._scratch = spec.world_size > 1 and comm.reduce_scatter_needs_scratch(probe, group)
         self._keep = 2 if overlap else 1
@@ -321,7 +324,12 @@ class ReduceScatterGradReducer(_BucketedReducer):
         self._stale = [False] * len(self.buckets)  # shard holds cleared values not yet overwritten
 
     # ---------------------------------------------------------------- buffer pool
-    def _acquire(self) -> _Slot:
+    def _acquire(self, b: int) -> _Slot:
+        layout = self.layouts[b]
+        if layout.full_numel > self._slot_numel:  # oversized bucket: a transient set, dropped after use
+            return _Slot(
+                layout.full_numel, layout.segment_numel, self.grad_dtype, self.device, self._scratch, False
+            )
         while not self._free and self._kept >= self._keep and self._in_flight:
             self._land(self._in_flight[0])  # frees the oldest bucket's set
         if self._free:
@@ -339,7 +347,7 @@ class ReduceScatterGradReducer(_BucketedReducer):
     def _full_view(self, b: int) -> torch.Tensor:
         slot = self._slots[b]
         if slot is None:
-            slot = self._acquire()
+            slot = self._acquire(b)
             self._slots[b] = slot
         return slot.full[: self.layouts[b].full_numel]
 
