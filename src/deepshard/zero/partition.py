@@ -111,7 +111,7 @@ def build_partition(
     overlap = bool(zero_cfg.effective_overlap_comm) or stage.stage == 0
     row_range = (lambda p: ShardSpec(p.shape, world).row_range(rank)) if stage.shard_optimizer else None
     reducer: Reducer | None = None
-    if stage.shard_gradients:
+    if stage.shard_gradients and world > 1:  # one rank: its shard is the whole gradient, kept in place
         reducer = ReduceScatterGradReducer(
             trainable, policy.grad_dtype, bucket, spec, rank=rank, group=group, overlap=overlap
         )
