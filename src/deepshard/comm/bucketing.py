@@ -52,7 +52,9 @@ class FlatBuffer:
         numels = [s.numel() for s in self.shapes]
         self.offsets = [sum(numels[:i]) for i in range(len(numels))]
         self.numel = sum(numels)
-        self.flat = torch.zeros(self.numel, dtype=dtype, device=device) if flat is None else flat[: self.numel]
+        self.flat = (
+            torch.zeros(self.numel, dtype=dtype, device=device) if flat is None else flat[: self.numel]
+        )
         self.views = [
             self.flat[off : off + n].view(shape) for off, n, shape in zip(self.offsets, numels, self.shapes)
         ]

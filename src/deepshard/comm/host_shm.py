@@ -43,11 +43,17 @@ def enabled() -> bool:
     return os.environ.get("DEEPSHARD_HOST_SHM", "1") != "0"
 
 
-def shared_storage(group: Any, nbytes: int) -> torch.Tensor | None:
+def align_up(nbytes: int, to: int) -> int:
+    """``nbytes`` rounded up to a multiple of ``to``."""
+    return -(-nbytes // to) * to
+
+
+def shared_storage(group: Any, nbytes: int, usable: bool = True) -> torch.Tensor | None:
     """``nbytes`` of memory mapped by every rank of ``group`` (collective), or ``None`` where impossible.
 
-    ``None`` when windows are off, the group is not gloo, has one rank, spans several hosts, or a rank
-    could not map the file (each case logged at INFO).
+    ``None`` when shared memory is off, the group is not gloo, has one rank, spans several hosts, a rank
+    passed ``usable=False`` (its own reason to decline, e.g. tensors not on the CPU), or a rank could
+    not map the file (logged at INFO).
     """
     if not (enabled() and dist.is_available() and dist.is_initialized()) or nbytes <= 0:
         return None
@@ -56,9 +62,9 @@ def shared_storage(group: Any, nbytes: int) -> torch.Tensor | None:
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if world == 1:
         return None
-    hosts: list[Any] = [None] * world
-    dist.all_gather_object(hosts, _host_id(), group=group)
-    if len(set(hosts)) != 1 or not os.path.isdir(SHM_DIR):
+    votes: list[Any] = [None] * world
+    dist.all_gather_object(votes, (_host_id(), usable), group=group)
+    if len({host for host, _ in votes}) != 1 or not all(ok for _, ok in votes) or not os.path.isdir(SHM_DIR):
         return None
     name = [os.path.join(SHM_DIR, f"deepshard_window_{uuid.uuid4().hex}")] if rank == 0 else [None]
     src = 0 if group is None else dist.get_global_rank(group, 0)
@@ -66,14 +72,18 @@ def shared_storage(group: Any, nbytes: int) -> torch.Tensor | None:
     path = str(name[0])
     storage: torch.Tensor | None = None
     error = ""
-    try:
-        if rank == 0:
+    if rank == 0:
+        try:
             with open(path, "wb") as f:
                 f.truncate(nbytes)
-        dist.barrier(group=group)
-        storage = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
-    except (OSError, RuntimeError) as exc:
-        error = f"{type(exc).__name__}: {exc}"
+        except OSError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+    dist.barrier(group=group)  # the file exists (or rank 0 failed) before anyone maps it
+    if not error:
+        try:
+            storage = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+        except (OSError, RuntimeError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
     ok = torch.tensor([0 if error else 1], dtype=torch.int32)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
     if rank == 0:

@@ -14,8 +14,8 @@ Two reducers share that machinery and differ in what they keep:
   hook adds each fresh gradient into the buffer and frees it (bf16 params, fp32 accumulation).
 * :class:`ReduceScatterGradReducer` (stage 2) keeps only this rank's gradient shards. A hook copies
   each fresh gradient into its bucket's rank-major buffer (see :mod:`deepshard.zero.layout`) and frees
-  it; a full bucket is reduce-scattered and its buffer released, so whole gradients never outlive
-  their reduction. As in DeepSpeed it reduces after every micro-step; inside ``no_sync`` buffers keep
+  it; a full bucket is reduce-scattered and its buffer returns to a small pool, so whole gradients
+  never outlive their reduction. As in DeepSpeed it reduces after every micro-step; inside ``no_sync`` buffers keep
   accumulating and are reduced once by the next synchronised backward.
 
 Trade-off: smaller buckets overlap more of backward but issue more collectives. With
@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from deepshard import comm
 from deepshard.comm.bucketing import FlatBuffer, plan_buckets
-from deepshard.zero.layout import BucketLayout
+from deepshard.zero.layout import BucketLayout, reusable_layouts
 
 
 @dataclass(frozen=True)
@@ -308,9 +308,7 @@ class ReduceScatterGradReducer(_BucketedReducer):
         self.shards = [
             torch.zeros(layout.segment_numel, dtype=grad_dtype, device=device) for layout in self.layouts
         ]
-        # pooled sets fit the buckets that respect the bucket size; a bucket holding one parameter larger
-        # than that (an embedding, say) gets a set of its own size for its reduction only
-        fitting = [layout for layout in self.layouts if layout.full_numel <= 2 * bucket_elements] or self.layouts
+        fitting = reusable_layouts(self.layouts, bucket_elements)
         self._slot_numel = max((layout.full_numel for layout in fitting), default=0)
         self._slot_segment = max((layout.segment_numel for layout in fitting), default=0)
         probe = torch.empty(0, dtype=spec.reduce_dtype, device=device)
@@ -440,9 +438,3 @@ class ReduceScatterGradReducer(_BucketedReducer):
             for b, slot in enumerate(self._slots)
             if slot is not None and b not in self._in_flight
         )
-
-    @property
-    def buffer_nbytes(self) -> int:
-        """Bytes of the pooled communication buffers (bounded by the bucket size, not the model)."""
-        per_slot = self._slot_numel * (2 if self._scratch else 1) + self._slot_segment
-        return self._kept * per_slot * torch.empty((), dtype=self.grad_dtype).element_size()

@@ -139,3 +139,12 @@ class BucketLayout:
         start, end = spec.row_range(rank)
         off = self.offsets[index]
         return segment[off : off + (end - start) * spec.row_numel].view(spec.local_shape(rank))
+
+
+def reusable_layouts(layouts: Sequence[BucketLayout], bucket_elements: int) -> list[BucketLayout]:
+    """The buckets that reusable bucket-size buffers are sized for.
+
+    A bucket holding a single parameter larger than the bucket size (an embedding, say) is left out:
+    it gets a buffer of its own for the moment it needs one, so the kept buffers stay bucket-sized.
+    """
+    return [layout for layout in layouts if layout.full_numel <= 2 * bucket_elements] or list(layouts)

@@ -8,7 +8,8 @@ into the parameters. This rank's own rows go straight from the masters into the 
 to do when the fp32 masters are views of the parameters' rows).
 
 Two bucket buffers are kept across steps and alternate, so one bucket is on the wire while the
-previous one is unpacked. Peak extra memory: two buckets, whole.
+previous one is unpacked. Peak extra memory: two buckets, whole (a bucket holding one parameter
+larger than ``allgather_bucket_size`` gets a buffer of its own while it is exchanged).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from deepshard import comm
 from deepshard.comm.bucketing import plan_buckets
 from deepshard.precision.master import MasterWeights, as_rows
-from deepshard.zero.layout import BucketLayout
+from deepshard.zero.layout import BucketLayout, reusable_layouts
 
 
 class ParamGatherer:
@@ -40,6 +41,9 @@ class ParamGatherer:
         ]
         self.layouts = [BucketLayout([p.shape for p in members], world) for members in self.buckets]
         self._buffers: list[torch.Tensor] = []
+        self._buffer_numel = max(
+            (lay.full_numel for lay in reusable_layouts(self.layouts, bucket_elements)), default=0
+        )
         self._rows: list[list[list[torch.Tensor]]] = []
         self._ptrs: list[int] = []
 
@@ -61,15 +65,12 @@ class ParamGatherer:
             self._rows.append(per_rank)
 
     def _buffer(self, i: int, numel: int, like: torch.Tensor) -> torch.Tensor:
+        """Kept buffer ``i`` (two alternate), or a transient one for an oversized bucket."""
+        if numel > self._buffer_numel:
+            return torch.empty(numel, dtype=like.dtype, device=like.device)
         while len(self._buffers) <= i:
-            most = max(layout.full_numel for layout in self.layouts)
-            self._buffers.append(torch.empty(most, dtype=like.dtype, device=like.device))
+            self._buffers.append(torch.empty(self._buffer_numel, dtype=like.dtype, device=like.device))
         return self._buffers[i][:numel]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the kept bucket buffers."""
-        return sum(b.numel() * b.element_size() for b in self._buffers)
 
     @torch.no_grad()
     def gather(self, masters: MasterWeights) -> None:

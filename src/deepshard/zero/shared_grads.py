@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from deepshard.comm.bucketing import FlatBuffer
-from deepshard.comm.host_shm import PAGE, shared_storage, unmap_pages
+from deepshard.comm.host_shm import PAGE, align_up, shared_storage, unmap_pages
 from deepshard.precision.master import as_rows
 from deepshard.zero.grad_reduce import AllReduceGradReducer, ReduceSpec
 
@@ -50,28 +50,30 @@ class SharedRowReducer(AllReduceGradReducer):
         region = storage.numel() // world
         # every rank's region of the mapping; this rank's buffers are made in its own (no private copy)
         self._regions = [storage[q * region : (q + 1) * region].view(grad_dtype) for q in range(world)]
-        self._rank = rank
+        self.rank = rank  # before the base class builds the buffers (in this rank's region)
         super().__init__(params, grad_dtype, bucket_elements, spec, group=group, overlap=False)
-        self.rank = rank
-        self._own: list[torch.Tensor] = []  # this rank's rows of each parameter, in its own region
-        self._peers: list[list[torch.Tensor]] = [[] for _ in range(world)]  # the same rows in each region
+        # this rank's rows of each parameter, in its own region and in every other rank's (the per-step
+        # lists leave out empty row ranges)
         self._param_rows: dict[int, torch.Tensor] = {}
+        self._own: list[torch.Tensor] = []
+        self._peers: list[list[torch.Tensor]] = [[] for q in range(world) if q != rank]
         start = 0
         for buf, bucket in zip(self.buffers, self.buckets):
             for p, o, shape in zip(bucket.params, buf.offsets, buf.shapes):
                 lo, hi = row_range(p)
-                for q in range(world):
-                    rows = as_rows(self._regions[q][start + o : start + o + shape.numel()].view(shape))[lo:hi]
-                    if q == rank:
-                        self._own.append(rows)
-                        self._param_rows[id(p)] = rows
-                    else:
-                        self._peers[q].append(rows)
+                rows = [
+                    as_rows(r[start + o : start + o + shape.numel()].view(shape))[lo:hi]
+                    for r in self._regions
+                ]
+                self._param_rows[id(p)] = rows[rank]
+                if hi > lo:
+                    self._own.append(rows[rank])
+                    for peer, peer_rows in zip(self._peers, rows[:rank] + rows[rank + 1 :]):
+                        peer.append(peer_rows)
             start += buf.numel
-        self._storage = storage
 
     def _make_buffers(self, grad_dtype: torch.dtype) -> list[FlatBuffer]:
-        mine = self._regions[self._rank]  # zero-filled: a fresh shared mapping
+        mine = self._regions[self.rank]  # zero-filled: a fresh shared mapping
         buffers, start = [], 0
         for bucket in self.buckets:
             buf = FlatBuffer([p.shape for p in bucket.params], grad_dtype, mine.device, flat=mine[start:])
@@ -92,19 +94,13 @@ class SharedRowReducer(AllReduceGradReducer):
             return
         self._reducing = False
         dist.barrier(group=self.group)  # every rank's gradients are complete
-        own = [t for t in self._own if t.numel()]
+        own = self._own
         if own:
             before = self.spec.before()
             if before != 1.0:
                 torch._foreach_mul_(own, before)
-            for q, peer in enumerate(self._peers):
-                if q == self.rank:
-                    continue
-                src = [t for t in peer if t.numel()]
-                if before != 1.0:
-                    torch._foreach_add_(own, src, alpha=before)
-                else:
-                    torch._foreach_add_(own, src)
+            for peer in self._peers:
+                torch._foreach_add_(own, peer, alpha=before)
             after = self.spec.after()
             if after != 1.0:
                 torch._foreach_mul_(own, after)
@@ -119,7 +115,7 @@ class SharedRowReducer(AllReduceGradReducer):
 
     def flat_grads(self) -> list[torch.Tensor]:
         """This rank's reduced rows (the norm and clipping act on these only)."""
-        return [t for t in self._own if t.numel()]
+        return list(self._own)
 
 
 def try_shared_row_reducer(
@@ -134,14 +130,10 @@ def try_shared_row_reducer(
     """A :class:`SharedRowReducer` where the ranks share a host (collective), else ``None``."""
     if spec.world_size == 1:
         return None
-    ok = all(p.device.type == "cpu" and p.dtype == grad_dtype for p in params)
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
-    if int(flag) == 0:
-        return None
+    usable = all(p.device.type == "cpu" and p.dtype == grad_dtype for p in params)
     nbytes = sum(p.numel() for p in params) * torch.empty((), dtype=grad_dtype).element_size()
-    nbytes = -(-nbytes // PAGE) * PAGE  # page-aligned regions (see unmap_pages)
-    storage = shared_storage(group, nbytes * spec.world_size)
+    nbytes = align_up(nbytes, PAGE)  # page-aligned regions (see unmap_pages)
+    storage = shared_storage(group, nbytes * spec.world_size, usable)
     if storage is None:
         return None
     return SharedRowReducer(params, grad_dtype, bucket_elements, spec, rank, row_range, storage, group)

@@ -27,14 +27,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from deepshard.comm.host_shm import release_freed_heap, shared_storage
+from deepshard.comm.host_shm import align_up, release_freed_heap, shared_storage
 from deepshard.precision.master import MasterWeights, as_rows
 
-_ALIGN = 64
-
-
-def _aligned(nbytes: int) -> int:
-    return -(-nbytes // _ALIGN) * _ALIGN
+_ALIGN = 64  # bytes between parameters in the mapping
 
 
 class SharedParameters:
@@ -51,13 +47,9 @@ class SharedParameters:
     def create(cls, params: Sequence[torch.Tensor], group: Any = None) -> SharedParameters | None:
         """Move ``params`` (identical on every rank) into shared memory; collective; ``None`` if impossible."""
         params = list(params)
-        local_ok = all(p.device.type == "cpu" and p.is_contiguous() for p in params) and bool(params)
-        flag = torch.tensor([1 if local_ok else 0], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
-        if int(flag) == 0:
-            return None
-        sizes = [_aligned(p.numel() * p.element_size()) for p in params]
-        storage = shared_storage(group, sum(sizes))
+        usable = all(p.device.type == "cpu" and p.is_contiguous() for p in params) and bool(params)
+        sizes = [align_up(p.numel() * p.element_size(), _ALIGN) for p in params]
+        storage = shared_storage(group, sum(sizes), usable)
         if storage is None:
             return None
         views = []
@@ -74,11 +66,6 @@ class SharedParameters:
             p.data = view
         release_freed_heap()  # the private copies just dropped
         return cls(params, storage, group)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the shared mapping (mapped once per host)."""
-        return int(self.storage.numel())
 
     def _check(self) -> None:
         if [p.data_ptr() for p in self.params] != self._ptrs:
