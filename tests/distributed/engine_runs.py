@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 import deepshard
+import deepshard.zero
 from deepshard.testing.models import GPT, PRESETS
 from deepshard.testing.parity import make_token_batches, rank_slice, reference_train
 
@@ -61,10 +62,13 @@ def run_engine(
     use_no_sync: bool = False,
     preset: str = "tiny",
     groups: bool = False,
+    unit_classes: tuple[str, ...] = (),
 ) -> dict:
     """Train with the engine on this rank; return losses, norms and final state (on every rank)."""
     rank = deepshard.comm.get_rank()
     model = build_model(unused, preset)
+    if unit_classes:
+        deepshard.zero.set_unit_modules(model, unit_classes)
     params = param_groups(model) if groups else model.parameters()
     engine, _, _, _ = deepshard.initialize(model=model, model_parameters=params, config=_config(gas, world, **extra))
     losses, norms, whole_grad_bytes = [], [], []
@@ -87,7 +91,8 @@ def run_engine(
         deepshard.comm.all_reduce(total)
         losses.append(float(total) / (world * len(micro_batches)))
         norms.append(engine.get_global_grad_norm())
-    state = {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+    # whole tensors at every stage (stage 3's state_dict() holds this rank's rows)
+    state = {k: v.float() for k, v in deepshard.zero.full_state_dict(engine.module).items()}
     return {"losses": losses, "norms": norms, "state": state, "steps": engine.global_steps, "mem": engine.memory_breakdown(),
         "whole_grad_bytes": max(whole_grad_bytes), "live_grad_bytes": engine.reducer.nbytes,
         "shared_params": engine.partition.shared is not None,
@@ -119,6 +124,19 @@ def replaced_storage_error() -> str:
     except RuntimeError as exc:
         return str(exc)
     return "no error"
+
+
+def assert_parity(results: list[dict], ref: Any, tol: float = 1e-5, norms: bool = True) -> None:
+    """Every rank's losses (and norms, final state) match the reference within ``tol``; ranks agree exactly."""
+    from deepshard.testing.parity import max_relative_difference, max_state_difference
+
+    for r in results:
+        assert r["steps"] == STEPS
+        assert max_relative_difference(r["losses"], ref.losses) <= tol
+        if norms:
+            assert max_relative_difference(r["norms"], ref.grad_norms) <= tol
+        assert max_state_difference(r["state"], ref.state) <= tol
+    assert max_state_difference(results[-1]["state"], results[0]["state"]) == 0.0
 
 
 def reference(

@@ -88,7 +88,7 @@ def test_offload_defaults() -> None:
 
 
 def test_feature_gates() -> None:
-    assert frozenset({0, 1, 2}) == SUPPORTED_ZERO_STAGES
+    assert frozenset({0, 1, 2, 3}) == SUPPORTED_ZERO_STAGES
     assert frozenset({"none"}) == SUPPORTED_OFFLOAD_DEVICES
 
 

@@ -197,12 +197,10 @@ def test_unsupported_nested_keys() -> None:
     )
 
 
-@pytest.mark.parametrize("stage", [3])
-def test_zero_stages_not_supported_yet(stage: int) -> None:
-    msg = raises(
-        NotSupportedYetError, cfg_with(zero_optimization={"stage": stage}), f"zero_optimization.stage={stage}"
-    )
-    assert "supported: [0, 1, 2]" in msg
+def test_zero_stage_3_is_accepted() -> None:
+    cfg = load_config(cfg_with(zero_optimization={"stage": 3}))
+    assert cfg.zero_optimization.stage == 3
+    assert cfg.zero_optimization.effective_overlap_comm  # DeepSpeed: overlap defaults on at stage 3
 
 
 @pytest.mark.parametrize(("section", "device"), [("offload_optimizer", "cpu"), ("offload_param", "nvme")])

@@ -9,8 +9,8 @@ from __future__ import annotations
 from deepshard.config._schema import DeepShardConfig
 from deepshard.config.errors import NotSupportedYetError
 
-SUPPORTED_ZERO_STAGES: frozenset[int] = frozenset({0, 1, 2})
-"""ZeRO stages deepshard implements. Stage 0 is plain data parallelism; stage 3 comes later."""
+SUPPORTED_ZERO_STAGES: frozenset[int] = frozenset({0, 1, 2, 3})
+"""ZeRO stages deepshard implements (stage 0 is plain data parallelism)."""
 
 SUPPORTED_OFFLOAD_DEVICES: frozenset[str] = frozenset({"none"})
 """Offload tiers deepshard implements for ``offload_optimizer`` and ``offload_param``; ``cpu`` and ``nvme`` come later."""

@@ -35,14 +35,20 @@ class MasterWeights:
         params: Sequence[torch.nn.Parameter],
         needs_fp32_copy: bool,
         row_range: Callable[[torch.Tensor], tuple[int, int]] | None = None,
+        shards: Mapping[int, torch.Tensor] | None = None,
     ) -> None:
         self.params: list[torch.Tensor] = list(params)
         self.needs_fp32_copy = needs_fp32_copy
         self.sharded = row_range is not None
         self.ranges: list[tuple[int, int] | None] = [row_range(p) if row_range else None for p in self.params]
+        # ZeRO-3: this rank's rows live in a shard tensor of their own, not in the parameter
+        self.shards: dict[int, torch.Tensor] = dict(shards or {})
         self.masters: list[torch.Tensor] = []
         for p, rows in zip(self.params, self.ranges):
-            local = p.detach() if rows is None else as_rows(p.detach())[rows[0] : rows[1]]
+            if id(p) in self.shards:
+                local = self.shards[id(p)]
+            else:
+                local = p.detach() if rows is None else as_rows(p.detach())[rows[0] : rows[1]]
             if needs_fp32_copy:
                 self.masters.append(torch.nn.Parameter(local.to(torch.float32).clone(), requires_grad=p.requires_grad))
             elif rows is None:
@@ -51,6 +57,11 @@ class MasterWeights:
                 # fp32 shard: a view of the parameter's own rows, stepped in place
                 self.masters.append(torch.nn.Parameter(local, requires_grad=p.requires_grad))
         self._by_param = {id(p): m for p, m in zip(self.params, self.masters)}
+        self._range_of = {id(p): r for p, r in zip(self.params, self.ranges)}
+
+    def range_of(self, param: torch.Tensor) -> tuple[int, int] | None:
+        """The dim-0 rows of ``param`` this rank's master holds (``None``: the whole parameter)."""
+        return self._range_of[id(param)]
 
     @property
     def identity(self) -> bool:
@@ -117,7 +128,17 @@ class MasterWeights:
         if not self.needs_fp32_copy:
             return
         for p, m, rows in zip(self.params, self.masters, self.ranges):
-            m.copy_(p if rows is None else as_rows(p)[rows[0] : rows[1]])
+            if id(p) in self.shards:
+                m.copy_(self.shards[id(p)])
+            else:
+                m.copy_(p if rows is None else as_rows(p)[rows[0] : rows[1]])
+
+    @torch.no_grad()
+    def copy_to_shards(self) -> None:
+        """Cast updated masters into their ZeRO-3 shard tensors (fp32 masters are those tensors)."""
+        if self.needs_fp32_copy and self.shards:
+            pairs = [(self.shards[id(p)], m) for p, m in zip(self.params, self.masters) if id(p) in self.shards]
+            torch._foreach_copy_([s for s, _ in pairs], [m.view(s.shape) for s, m in pairs])
 
     @property
     def nbytes(self) -> int:

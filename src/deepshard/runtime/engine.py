@@ -40,6 +40,7 @@ from deepshard.utils.logging import log_dist
 from deepshard.zero import fragments
 from deepshard.zero.grad_reduce import ReduceSpec
 from deepshard.zero.partition import build_partition
+from deepshard.zero.shard_group import LOCAL_ROWS, cast_module
 from deepshard.zero.stage import ZeroStage
 
 OptimizerLike = torch.optim.Optimizer | Callable[..., torch.optim.Optimizer]
@@ -86,7 +87,7 @@ class DeepShardEngine(torch.nn.Module):
 
         # 1. precision policy and the module in its dtype, identical on every rank
         self.precision = PrecisionPolicy.from_config(config)
-        model.to(device=self.device, dtype=self.precision.param_dtype)
+        cast_module(model, self.device, self.precision.param_dtype)
         self.module = model
         self._broadcast_model()
         params = list(model.parameters())
@@ -101,7 +102,7 @@ class DeepShardEngine(torch.nn.Module):
         self.zero_stage = ZeroStage.from_int(config.zero_optimization.stage)
         self.partition = build_partition(
             self.zero_stage, params, self.precision, config.zero_optimization, spec,
-            rank=comm.get_rank(self.dp_group), group=self.dp_group,
+            rank=comm.get_rank(self.dp_group), group=self.dp_group, module=model,
         )
         self.reducer = self.partition.reducer
         self.masters = self.partition.masters
@@ -137,7 +138,9 @@ class DeepShardEngine(torch.nn.Module):
     # ------------------------------------------------------------------ construction helpers
     def _broadcast_model(self) -> None:
         if self.dp_world_size > 1:
-            tensors = [t.data for t in self.module.parameters()] + [b for b in self.module.buffers()]
+            # parameters built sharded by zero.Init were made identical on every rank when built
+            tensors = [t.data for t in self.module.parameters() if not hasattr(t, LOCAL_ROWS)]
+            tensors += list(self.module.buffers())
             src = torch.distributed.get_global_rank(self.dp_group, 0) if self.dp_group is not None else 0
             broadcast_coalesced(tensors, src=src, group=self.dp_group)
 
@@ -315,6 +318,7 @@ class DeepShardEngine(torch.nn.Module):
         self.reducer.begin_backward(reduce)
         scaled = loss * self.loss_scaler.scale if self.loss_scaler.enabled else loss
         scaled.backward(retain_graph=retain_graph)
+        self.partition.after_backward()
         self.reducer.finish()
         self._timers["backward"] += time.perf_counter() - start
         return loss
@@ -409,15 +413,15 @@ class DeepShardEngine(torch.nn.Module):
                     if isinstance(value, torch.Tensor):
                         state_bytes += value.numel() * value.element_size()
         return MemoryBreakdown(
-            parameters=sum(p.numel() * p.element_size() for p in self.module.parameters()),
+            parameters=self.partition.parameter_bytes(self.module),
             gradients=self.reducer.nbytes,
             master_weights=self.masters.nbytes,
             optimizer_states=state_bytes,
         )
 
     def destroy(self) -> None:
-        """Remove gradient hooks so the module can be used without the engine."""
-        self.reducer.remove_hooks()
+        """Remove the engine's hooks from the module (gradient reduction, stage-3 gathers)."""
+        self.partition.remove_hooks()
 
     # ------------------------------------------------------------------ checkpoints (logic in deepshard.checkpoint)
     def _checkpoint_io(self) -> Any:

@@ -95,16 +95,21 @@ class _BucketedReducer(abc.ABC):
         spec: ReduceSpec,
         group: Any,
         overlap: bool,
+        buckets: Sequence[Sequence[torch.nn.Parameter]] | None = None,
     ) -> None:
         ordered = list(reversed(unique_trainable(params)))
         self.overlap = overlap
         self.grad_dtype = grad_dtype
         self.spec = spec
         self.group = group
-        self.buckets = [
-            _Bucket([ordered[i] for i in idx])
-            for idx in plan_buckets([p.numel() for p in ordered], bucket_elements)
-        ]
+        if buckets is not None:  # given (ZeRO-3: one bucket per unit, in backward order)
+            self.buckets = [_Bucket(list(members)) for members in buckets if members]
+            ordered = [p for b in self.buckets for p in b.params]
+        else:
+            self.buckets = [
+                _Bucket([ordered[i] for i in idx])
+                for idx in plan_buckets([p.numel() for p in ordered], bucket_elements)
+            ]
         self._where: dict[int, tuple[int, int]] = {}
         for b, bucket in enumerate(self.buckets):
             for slot, p in enumerate(bucket.params):
@@ -299,8 +304,9 @@ class ReduceScatterGradReducer(_BucketedReducer):
         rank: int,
         group: Any = None,
         overlap: bool = True,
+        buckets: Sequence[Sequence[torch.nn.Parameter]] | None = None,
     ) -> None:
-        super().__init__(params, grad_dtype, bucket_elements, spec, group, overlap)
+        super().__init__(params, grad_dtype, bucket_elements, spec, group, overlap, buckets)
         self.rank = rank
         self.layouts = [BucketLayout([p.shape for p in b.params], spec.world_size) for b in self.buckets]
         device = self.buckets[0].params[0].device if self.buckets else torch.device("cpu")

@@ -26,6 +26,7 @@ from deepshard.zero.param_gather import ParamGatherer
 from deepshard.zero.shared_grads import SharedRowReducer, try_shared_row_reducer
 from deepshard.zero.shared_params import SharedParameters
 from deepshard.zero.stage import ZeroStage
+from deepshard.zero.stage3 import Stage3Runtime
 
 Reducer = AllReduceGradReducer | ReduceScatterGradReducer | SharedRowReducer
 
@@ -45,6 +46,7 @@ class ZeroPartition:
     gatherer: ParamGatherer | None
     shared: SharedParameters | None = None
     optimizer: torch.optim.Optimizer | None = None  # set by the engine once built (fragment API)
+    stage3: Stage3Runtime | None = None
 
     def reduced_grads(self) -> dict[int, torch.Tensor]:
         """``id(param) -> reduced gradient``: whole (stages 0-1) or this rank's shard (stage 2)."""
@@ -81,13 +83,39 @@ class ZeroPartition:
             self.shared.begin_update()
 
     def publish(self) -> None:
-        """After the optimizer step: make the updated parameters whole in the module on every rank."""
+        """After the optimizer step: make the updated parameters whole in the module on every rank.
+
+        At stage 3 the masters go into the shards (cast when they are copies) and resident whole
+        values are dropped; only parameters under the persistence threshold are made whole.
+        """
+        if self.stage3 is not None:
+            self.masters.copy_to_shards()
+            self.stage3.release_all()
         if self.shared is not None:
             self.shared.finish_update(self.masters)
         elif self.gatherer is not None:
             self.gatherer.gather(self.masters)
-        else:
+        elif self.stage3 is None:
             self.masters.copy_to_model()
+
+    def after_backward(self) -> None:
+        """End of a backward pass: stage 3 releases what it still holds."""
+        if self.stage3 is not None:
+            self.stage3.end_iteration()
+
+    def parameter_bytes(self, module: torch.nn.Module) -> int:
+        """Bytes of parameters this rank keeps between steps (stage 3: its shards and persistent ones)."""
+        if self.stage3 is None:
+            return sum(p.numel() * p.element_size() for p in module.parameters())
+        sharded = {id(p) for g in self.stage3.groups for p in g.params}
+        whole = sum(p.numel() * p.element_size() for p in module.parameters() if id(p) not in sharded)
+        return whole + sum(g.nbytes for g in self.stage3.groups)
+
+    def remove_hooks(self) -> None:
+        """Detach every hook from the model (the engine is being torn down)."""
+        self.reducer.remove_hooks()
+        if self.stage3 is not None:
+            self.stage3.remove_hooks()
 
 
 def build_partition(
@@ -98,9 +126,16 @@ def build_partition(
     spec: ReduceSpec,
     rank: int,
     group: Any = None,
+    module: torch.nn.Module | None = None,
 ) -> ZeroPartition:
     """Build the reducer, masters and gatherer for ``stage`` over ``params`` on this rank."""
     world = spec.world_size
+    if stage.shard_parameters:
+        if module is None:
+            raise ValueError("ZeRO stage 3 needs the model (module=) to choose its units")
+        from deepshard.zero.stage3_build import build_stage3
+
+        return build_stage3(stage, module, policy, zero_cfg, spec, rank, group)
     trainable = unique_trainable(params)
     bucket = int(zero_cfg.reduce_bucket_size)
     if stage.stage == 0 and "reduce_bucket_size" not in zero_cfg.model_fields_set:

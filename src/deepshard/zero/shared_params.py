@@ -84,11 +84,11 @@ class SharedParameters:
     def finish_update(self, masters: MasterWeights) -> None:
         """Write this rank's fp32 masters into its rows when they are copies, then make all rows visible."""
         if masters.needs_fp32_copy:
-            rows = [
-                as_rows(p.data)[r[0] : r[1]] if r is not None else p.data
-                for p, r in zip(masters.params, masters.ranges)
+            ranges = [masters.range_of(p) for p in self.params]
+            rows = [as_rows(p.data)[r[0] : r[1]] if r is not None else p.data for p, r in zip(self.params, ranges)]
+            pairs = [
+                (dst, src.view(dst.shape)) for dst, src in zip(rows, masters.masters_of(self.params)) if dst.numel()
             ]
-            pairs = [(dst, src.view(dst.shape)) for dst, src in zip(rows, masters.masters) if dst.numel()]
             if pairs:
                 torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
         dist.barrier(group=self.group)

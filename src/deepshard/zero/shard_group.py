@@ -1,0 +1,240 @@
+"""One ZeRO-3 unit: the parameters of one module block, sharded together and gathered together.
+
+Each parameter of the group is split into dim-0 shards (:mod:`deepshard.zero.layout`); this rank
+keeps its shards back to back in one persistent *segment* (the parameter dtype). Gathering the group
+is one ``all_gather_into_tensor`` of the segments into a rank-major buffer, followed by one
+multi-tensor copy of every rank's rows into the group's flat *full* buffer, of which the parameters
+are views with their real shapes. Releasing the group shrinks the full buffer's storage to nothing.
+
+Between uses a parameter keeps its real shape, dtype and device: its ``.data`` is a one-element
+placeholder broadcast to that shape, holding NaN (reads show NaN; in-place writes raise). The full
+buffer's storage object is kept and re-filled by every gather, so tensors autograd saved from views
+of the parameters in forward see the gathered values again in backward.
+
+Before each gather the ranks exchange the group's index on a small control group (one 8-byte
+all-gather): ranks whose code paths diverged fail with a message naming each rank's unit, instead of
+matching two different groups' collectives (which mixes their bytes, or aborts the process when the
+sizes differ). A rank whose peers never arrive fails after the watchdog's timeout
+(:mod:`deepshard.zero.watchdog`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from deepshard import comm
+from deepshard.precision.master import as_rows
+from deepshard.zero.layout import BucketLayout
+from deepshard.zero.watchdog import CollectiveDivergedError, wait_collective
+
+LOCAL_ROWS = "_deepshard_local_rows"  # attribute: this rank's rows of a parameter built by zero.Init
+
+
+class ShardGroup:
+    """The sharded parameters of one unit and the gather/release of their whole values."""
+
+    def __init__(
+        self,
+        name: str,
+        index: int,
+        params: Sequence[torch.nn.Parameter],
+        rank: int,
+        world: int,
+        group: Any = None,
+        local_rows: Callable[[torch.nn.Parameter], torch.Tensor | None] | None = None,
+        check_group: Any = None,
+    ) -> None:
+        """``local_rows(p)`` may return this rank's rows of ``p`` when ``p`` holds no whole value
+        (built by :class:`deepshard.zero.Init`); otherwise the rows are sliced from ``p``."""
+        self.name = name
+        self.index = index
+        self.params = list(params)
+        self.rank = rank
+        self.world = world
+        self.group = group
+        self.check_group = check_group
+        dtypes = {p.dtype for p in self.params}
+        devices = {p.device for p in self.params}
+        if len(dtypes) != 1 or len(devices) != 1:
+            raise ValueError(
+                f"ZeRO-3 unit '{name}' mixes dtypes {sorted(map(str, dtypes))} / devices {sorted(map(str, devices))}; "
+                "cast the model to one dtype and device before initialize()."
+            )
+        self.dtype, self.device = dtypes.pop(), devices.pop()
+        self.layout = BucketLayout([p.shape for p in self.params], world)
+        self.numel = sum(p.numel() for p in self.params)
+        seg = self.layout.segment_numel
+        # this rank's shards of every member, back to back
+        self.segment = torch.zeros(seg, dtype=self.dtype, device=self.device)
+        self.shards = [self.layout.segment_view(self.segment, i, rank) for i in range(len(self.params))]
+        self._slot = {id(p): i for i, p in enumerate(self.params)}
+        with torch.no_grad():
+            for i, (p, shard) in enumerate(zip(self.params, self.shards)):
+                rows = local_rows(p) if local_rows is not None else None
+                if rows is None:
+                    start, end = self.layout.specs[i].row_range(rank)
+                    rows = as_rows(p.detach())[start:end]
+                shard.copy_(rows.reshape(shard.shape))
+        self.full = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+        self.views: list[torch.Tensor] = []
+        offset = 0
+        for p in self.params:
+            self.views.append(self.full[offset : offset + p.numel()].view(p.shape))
+            offset += p.numel()
+        # (full offset, rank-major offset, numel) of every rank's rows of every member
+        self._copies: list[tuple[int, int, int]] = []
+        offset = 0
+        for i, (p, spec) in enumerate(zip(self.params, self.layout.specs)):
+            for q in range(world):
+                start, end = spec.row_range(q)
+                if end > start:
+                    n = (end - start) * spec.row_numel
+                    self._copies.append(
+                        (offset + start * spec.row_numel, q * seg + self.layout.offsets[i], n)
+                    )
+            offset += p.numel()
+        nan = torch.full((1,), float("nan"), dtype=self.dtype, device=self.device)
+        self.placeholders = [nan.expand(p.shape) if p.dim() else nan.view(()) for p in self.params]
+        self._full_bytes = self.numel * self.full.element_size()
+        self._work: Any = None
+        self._buffer: torch.Tensor | None = None
+        self._release_buffer: Callable[[torch.Tensor], None] | None = None
+        self.unsharded = False
+        self.runtime: Any = None  # the Stage3Runtime driving this group
+        self.release()
+
+    def shard_of(self, param: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of member ``param``."""
+        return self.shards[self._slot[id(param)]]
+
+    # ------------------------------------------------------------------ state
+    @property
+    def gathering(self) -> bool:
+        """Whether an all-gather of this group is in flight."""
+        return self._work is not None
+
+    @property
+    def gather_numel(self) -> int:
+        """Elements of the rank-major buffer one gather needs."""
+        return self.layout.full_numel
+
+    def holds_values(self) -> bool:
+        """Whether the whole values are resident (measured on the storage, not on the state flag)."""
+        return self.full.untyped_storage().nbytes() > 0
+
+    # ------------------------------------------------------------------ gather / release
+    def _check_peers(self, what: str) -> None:
+        """Collective: every rank must be gathering this group now; else name what each rank gathers."""
+        if self.check_group is None:
+            return
+        mine = torch.tensor([self.index], dtype=torch.int64)
+        seen = torch.empty(self.world, dtype=torch.int64)
+        work = comm.all_gather_into_tensor(seen, mine, group=self.check_group, async_op=True)
+        wait_collective(work, f"all-gather of ZeRO-3 unit '{self.name}' ({what})", self.rank)
+        if bool((seen != self.index).any()):
+            names = self.runtime.unit_names if self.runtime is not None else {}
+            wanted = {q: names.get(int(i), f"#{int(i)}") for q, i in enumerate(seen.tolist())}
+            raise CollectiveDivergedError(
+                f"ZeRO-3 ranks diverged at an all-gather: rank {self.rank} gathers unit '{self.name}' ({what}), "
+                f"while the ranks gather {wanted} (rank -> unit). A rank took a different code path through "
+                "the model; mark data-dependent blocks with deepshard.zero.set_z3_leaf_modules() so that "
+                "they are gathered whole."
+            )
+
+    @torch.no_grad()
+    def start_gather(
+        self,
+        buffer: torch.Tensor,
+        release_buffer: Callable[[torch.Tensor], None] | None = None,
+        what: str = "gather",
+    ) -> None:
+        """Launch the all-gather into ``buffer`` (``gather_numel`` elements of the group's dtype)."""
+        if self.unsharded or self.gathering:
+            return
+        self._check_peers(what)
+        mine = buffer.view(self.world, self.layout.segment_numel)[self.rank]
+        mine.copy_(self.segment)
+        self._buffer, self._release_buffer = buffer, release_buffer
+        self._work = comm.all_gather_into_tensor(buffer, mine, group=self.group, async_op=True)
+        if self._work is None:  # not distributed: nothing in flight
+            self._work = _Done()
+
+    @torch.no_grad()
+    def finish_gather(self, what: str) -> None:
+        """Wait for the gather (``what`` names the pass in errors), then install the whole values."""
+        if self.unsharded:
+            return
+        assert self._work is not None and self._buffer is not None, "finish_gather() without start_gather()"
+        buffer, work = self._buffer, self._work
+        wait_collective(work, f"all-gather of ZeRO-3 unit '{self.name}' ({what})", self.rank)
+        self._work = None
+        self.full.untyped_storage().resize_(self._full_bytes)
+        if self._copies:
+            torch._foreach_copy_(
+                [self.full[d : d + n] for d, _, n in self._copies],
+                [buffer[s : s + n] for _, s, n in self._copies],
+            )
+        if self._release_buffer is not None:
+            self._release_buffer(buffer)
+        self._buffer = self._release_buffer = None
+        for p, view in zip(self.params, self.views):
+            p.data = view
+        self.unsharded = True
+
+    def gather(self, what: str = "explicit gather") -> None:
+        """Gather now (blocking), with a buffer of its own."""
+        if not self.unsharded:
+            if not self.gathering:
+                self.start_gather(torch.empty(self.gather_numel, dtype=self.dtype, device=self.device), what=what)
+            self.finish_gather(what)
+
+    @torch.no_grad()
+    def release(self) -> None:
+        """Drop the whole values; parameters show placeholders of their real shape again."""
+        if self.gathering:
+            self.finish_gather("release")
+        for p, placeholder in zip(self.params, self.placeholders):
+            p.data = placeholder
+        self.full.untyped_storage().resize_(0)
+        self.unsharded = False
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        """Copy this rank's rows of the current whole values into its shards (after an in-place edit)."""
+        if not self.unsharded:
+            return
+        for i, (view, shard) in enumerate(zip(self.views, self.shards)):
+            start, end = self.layout.specs[i].row_range(self.rank)
+            if end > start:
+                shard.copy_(as_rows(view)[start:end].reshape(shard.shape))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this rank's shards (the persistent state of the group)."""
+        return self.layout.segment_numel * self.segment.element_size()
+
+
+class _Done:
+    """A completed collective (single process)."""
+
+    def wait(self, *args: Any) -> bool:
+        return True
+
+
+@torch.no_grad()
+def cast_module(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """``model.to(device, dtype)``, without materialising parameters built sharded by zero.Init.
+
+    Their rows are cast instead, and their placeholders rebuilt in the new dtype.
+    """
+    for p in model.parameters():
+        rows = getattr(p, LOCAL_ROWS, None)
+        if rows is not None:
+            rows = rows.to(device=device, dtype=dtype if rows.is_floating_point() else rows.dtype)
+            setattr(p, LOCAL_ROWS, rows)
+            nan = torch.full((1,), float("nan"), dtype=rows.dtype, device=device)
+            p.data = nan.expand(p.shape) if p.dim() else nan.view(())
+    model.to(device=device, dtype=dtype)

@@ -1,0 +1,138 @@
+"""Compose ZeRO stage 3 for one model: units, shard groups, persistent parameters, reducer, masters.
+
+* Units come from :func:`deepshard.zero.units.plan_units`; each unit's parameters of at least
+  ``stage3_param_persistence_threshold`` elements form its :class:`ShardGroup` (one all-gather).
+  Smaller ones stay whole on every rank (*persistent*, up to ``stage3_model_persistence_threshold``
+  elements in all) and are treated as at stage 2: sharded gradient and optimizer state, updated rows
+  made whole after the step (shared memory on one host, else an all-gather).
+* Gradients: one reduce-scatter bucket per unit, ordered as backward produces them (blocks in
+  reverse, the root last, whose embedding gradient arrives at the very end).
+* Masters: this rank's rows, read from the group shards (fp32 masters *are* the shard rows).
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import torch
+
+from deepshard import comm
+from deepshard.zero.grad_reduce import ReduceScatterGradReducer, ReduceSpec
+from deepshard.zero.layout import ShardSpec
+from deepshard.zero.param_gather import ParamGatherer
+from deepshard.zero.partition import ZeroPartition
+from deepshard.zero.shard_group import LOCAL_ROWS, ShardGroup
+from deepshard.zero.shared_params import SharedParameters
+from deepshard.zero.stage import ZeroStage
+from deepshard.zero.stage3 import Stage3Runtime
+from deepshard.zero.units import plan_units
+from deepshard.zero.watchdog import watchdog_timeout
+
+_GROUPS: dict[tuple[int, float, str], Any] = {}
+
+
+def stage3_groups(group: Any) -> tuple[Any, Any]:
+    """The process groups of stage-3 gathers and of their pre-gather check, with the watchdog's timeout.
+
+    They are apart from gradient traffic, so that gathers and reductions never match each other.
+    Without a default group (one process) both are ``None``; a model-parallel data group keeps its own
+    settings and is used for both (its checks then share its timeout).
+    """
+    if not comm.is_initialized() or comm.get_world_size(group) == 1:
+        return group, None
+    if group is not None:
+        return group, group
+    timeout = watchdog_timeout()
+    world_id = id(torch.distributed.distributed_c10d._get_default_group())
+    out = []
+    for kind in ("gather", "check"):
+        key = (world_id, timeout.total_seconds(), kind)
+        if key not in _GROUPS:
+            _GROUPS[key] = comm.new_group(timeout=timeout)
+        out.append(_GROUPS[key])
+    return out[0], out[1]
+
+
+def build_stage3(
+    stage: ZeroStage,
+    module: torch.nn.Module,
+    policy: Any,
+    zero_cfg: Any,
+    spec: ReduceSpec,
+    rank: int,
+    group: Any = None,
+) -> ZeroPartition:
+    """The stage-3 partition of ``module`` on this rank (collective)."""
+    world = spec.world_size
+    plan = plan_units(module)
+    threshold = int(zero_cfg.stage3_param_persistence_threshold)
+    budget = int(zero_cfg.stage3_model_persistence_threshold)
+    ag_group, check_group = stage3_groups(group)
+
+    groups: list[ShardGroup | None] = []
+    persistent: list[torch.nn.Parameter] = []
+    unit_trainable: list[list[torch.nn.Parameter]] = []
+    kept = 0
+    for index, ((name, _), params) in enumerate(zip(plan.modules, plan.params)):
+        sharded = []
+        for p in params:
+            small = p.numel() < threshold and kept + p.numel() <= budget
+            if small and not hasattr(p, LOCAL_ROWS):
+                persistent.append(p)
+                kept += p.numel()
+            else:
+                sharded.append(p)
+        groups.append(
+            ShardGroup(name, index, sharded, rank, world, ag_group, _local_rows, check_group) if sharded else None
+        )
+        unit_trainable.append([p for p in params if p.requires_grad])
+    for g in groups:
+        if g is not None:
+            for p in g.params:
+                if hasattr(p, LOCAL_ROWS):
+                    delattr(p, LOCAL_ROWS)  # the group's segment holds the rows now
+
+    # gradients: one bucket per unit in backward order (blocks reversed, the root last)
+    buckets = [*reversed(unit_trainable[:-1]), unit_trainable[-1]]
+    trainable = [p for b in buckets for p in b]
+    sizes = [sum(p.numel() for p in b) for b in buckets if b]
+    typical = int(statistics.median(sizes)) if sizes else 1
+    reducer = ReduceScatterGradReducer(
+        trainable, policy.grad_dtype, typical, spec, rank=rank, group=group,
+        overlap=bool(zero_cfg.effective_overlap_comm), buckets=buckets,
+    )
+
+    persistent_trainable = [p for p in persistent if p.requires_grad]
+    shared = SharedParameters.create(persistent_trainable, group) if world > 1 else None
+    shards = {id(p): s for g in groups if g is not None for p, s in zip(g.params, g.shards)}
+    masters_param_order = [p for p in trainable]
+    from deepshard.precision import MasterWeights
+
+    masters = MasterWeights(
+        masters_param_order,
+        needs_fp32_copy=policy.needs_master,
+        row_range=lambda p: ShardSpec(p.shape, world).row_range(rank),
+        shards=shards,
+    )
+    gatherer = (
+        ParamGatherer(persistent_trainable, rank, world, int(zero_cfg.allgather_bucket_size), group)
+        if shared is None and persistent_trainable
+        else None
+    )
+    runtime = Stage3Runtime(
+        module,
+        plan.modules,
+        groups,
+        prefetch_numel=int(zero_cfg.stage3_prefetch_bucket_size),
+        max_live_numel=int(zero_cfg.stage3_max_live_parameters),
+        max_reuse_distance=int(zero_cfg.stage3_max_reuse_distance),
+    )
+    partition = ZeroPartition(stage, rank, world, group, reducer, masters, gatherer, shared, stage3=runtime)
+    runtime.partition = partition
+    return partition
+
+
+def _local_rows(p: torch.nn.Parameter) -> torch.Tensor | None:
+    rows: torch.Tensor | None = getattr(p, LOCAL_ROWS, None)
+    return rows
