@@ -1,4 +1,4 @@
-"""The resharding matrix: checkpoints saved at ZeRO stage 0/1/2 on 1, 2 or 4 ranks, loaded at another.
+"""The resharding matrix: checkpoints saved at ZeRO stage 0-3 on 1, 2 or 4 ranks, loaded at another.
 
 The "odd" model has dim-0 sizes (vocabulary 251, 33 positions, width 60) that divide by neither 2
 nor 4, so shards are short; two extra parameters (unused in forward: zero gradients, weight decay
@@ -48,6 +48,8 @@ def _engine(world: int, stage: int, precision: str) -> Any:
     }
     if precision == "bf16":
         cfg["bf16"] = {"enabled": True}
+    if stage == 3:  # every parameter sharded, the 0-d one and the 3-row one included
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     engine, _, _, _ = deepshard.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     return engine
 
@@ -58,7 +60,7 @@ def _world() -> int:
 
 def _full_state(engine: Any) -> dict[str, torch.Tensor]:
     """Collective: module state, whole fp32 masters and whole optimizer state, by name."""
-    out = {f"model.{k}": v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+    out = {f"model.{k}": v.float() for k, v in deepshard.zero.full_state_dict(engine.module).items()}
     for name, p in engine.module.named_parameters():
         out[f"master.{name}"] = safe_get_full_fp32_param(p).clone()
         for key in ("exp_avg", "exp_avg_sq"):
@@ -107,22 +109,27 @@ def _check(saved: dict[str, Any], loaded: dict[str, Any], tol: float | None, lab
 def test_resharding_matrix(precision, dist2, dist4, tmp_path):
     root, tol = str(tmp_path), TOL[precision]
     # saved on 2 ranks: stage 2 (A), stage 1 (B), stage 0 (E)
-    on2 = dist2.run(save_runs, root, precision, [("w2s2", 2), ("w2s1", 1), ("w2s0", 0)])[0]
+    on2 = dist2.run(save_runs, root, precision, [("w2s2", 2), ("w2s1", 1), ("w2s0", 0), ("w2s3", 3)])[0]
     meta = tensor_metadata(next(Path(root, "w2s2").glob("global_step*")))
     assert len(meta["optim.state.tok.weight.exp_avg"].chunks) == 2  # each rank wrote its rows
     assert len(meta["model.tok.weight"].chunks) == 1  # replicated: written once
     assert tuple(meta["optim.state.scalar.exp_avg"].size) == ()  # a 0-d parameter's state is saved whole
+    meta3 = tensor_metadata(next(Path(root, "w2s3").glob("global_step*")))
+    assert len(meta3["model.blocks.0.fc.weight"].chunks) == 2  # stage 3: each rank wrote its rows of the module
+    assert tuple(meta3["model.scalar"].size) == ()
     # saved on 1 rank (this process, no process group) at stage 0; 2 -> 1 at stage 2
     on1 = save_runs(root, precision, [("w1s0", 0)])
     loaded_on1 = load_runs(root, precision, [("w2s2", 2)])
     # saved on 4 ranks at stage 2; 2 -> 4 at stage 1
     on4 = dist4.run(save_runs, root, precision, [("w4s2", 2)])[0]
-    loaded_on4 = dist4.run(load_runs, root, precision, [("w2s2", 1)])
+    loaded_on4 = dist4.run(load_runs, root, precision, [("w2s2", 1), ("w2s3", 3)])
     cases = [  # (checkpoint, stage loaded at on 2 ranks, loss tolerance: None = exact)
         ("w2s2", 2, None), ("w2s1", 1, None),  # round trips
         ("w2s2", 1, tol), ("w2s1", 2, tol),  # stage 2 -> 1, 1 -> 2
         ("w2s2", 0, tol), ("w2s0", 2, tol),  # stage 2 -> 0, 0 -> 2
         ("w4s2", 1, tol), ("w1s0", 2, tol),  # 4 -> 2 ranks, 1 -> 2 ranks
+        ("w2s3", 3, None), ("w2s1", 3, tol), ("w2s3", 1, tol),  # stage 3 round trip, 1 -> 3, 3 -> 1
+        ("w4s2", 3, tol),  # 4 ranks stage 2 -> 2 ranks stage 3
     ]
     loaded_on2 = dist2.run(load_runs, root, precision, [(name, stage) for name, stage, _ in cases])
     saved = {**on2, **on1, **on4}
@@ -140,3 +147,8 @@ def test_resharding_matrix(precision, dist2, dist4, tmp_path):
     assert all(torch.equal(single[k], whole[k]) for k in single) and "tok.weight" in single
     for r, per_rank in enumerate(loaded_on4):
         _check(saved["w2s2"], per_rank[0], tol, f"w2s2 -> 4 ranks stage 1 (rank {r})")
+        _check(saved["w2s3"], per_rank[1], tol, f"w2s3 -> 4 ranks stage 3 (rank {r})")
+    whole3 = get_fp32_state_dict_from_zero_checkpoint(Path(root, "w2s3"))
+    for name, value in saved["w2s3"]["state"].items():
+        if name.startswith("master."):
+            assert torch.equal(whole3[name[len("master."):]], value), name

@@ -133,3 +133,9 @@ def test_divergent_rank_fails_with_a_named_error(mode):
         assert errors[0] == ""
         assert "CollectiveTimeoutError" in errors[1] and "rank 1" in errors[1], errors
         assert "blocks.2" in errors[1]
+
+
+def test_save_16bit_model_gathers_when_asked(dist2, tmp_path):
+    results = dist2.run(z3.save_16bit, str(tmp_path))
+    assert all(r["saved_False"] is False and r["saved_True"] is True for r in results)
+    assert results[0]["equal"]

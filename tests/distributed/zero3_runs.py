@@ -271,3 +271,23 @@ def unit_plan_names(preset_units: tuple[str, ...]) -> list[str]:
 
 
 __all__ = ["_global_batches"]
+
+
+def save_16bit(root: str) -> dict[str, Any]:
+    """save_16bit_model at stage 3: refused without the gather switch, whole weights with it."""
+    import safetensors.torch
+
+    out: dict[str, Any] = {}
+    for gather in (False, True):
+        torch.manual_seed(0)
+        model = build_model(preset="odd")
+        extra = _stage3(stage3_gather_16bit_weights_on_model_save=gather)
+        engine, _, _, _ = deepshard.initialize(
+            model=model, config=_config(1, deepshard.comm.get_world_size(), **extra)
+        )
+        out[f"saved_{gather}"] = engine.save_16bit_model(root, "model.safetensors")
+    full = deepshard.zero.full_state_dict(engine.module, cpu=True)
+    if deepshard.comm.get_rank() == 0:
+        saved = safetensors.torch.load_file(f"{root}/model.safetensors")
+        out["equal"] = all(torch.equal(saved[k], full[k]) for k in saved) and "blocks.0.fc.weight" in saved
+    return out

@@ -41,7 +41,7 @@ from deepshard.checkpoint.safetensors_stream import (
     write_shard,
 )
 from deepshard.checkpoint.state import MASTER, MODEL, module_entries
-from deepshard.utils.logging import logger
+from deepshard.utils.logging import log_dist, logger
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -219,10 +219,23 @@ def save_16bit_model(
     ``*.safetensors`` names get a safetensors file (tied weights once); other names a ``torch.save``
     file of plain tensors (tied names share storage) that loads with ``weights_only=True``.
     """
+    whole = None
+    if getattr(engine.partition, "stage3", None) is not None:
+        if not engine.config.zero_optimization.stage3_gather_16bit_weights_on_model_save:
+            log_dist(
+                "save_16bit_model did not save the model: at ZeRO stage 3 set "
+                "zero_optimization.stage3_gather_16bit_weights_on_model_save to true to gather the weights, "
+                "or export the fp32 weights from a checkpoint (deepshard convert).",
+                ranks=[0], level=logging.WARNING,
+            )  # fmt: skip
+            return False
+        from deepshard.zero import full_state_dict
+
+        whole = full_state_dict(engine.module, cpu=True)  # collective: one group gathered at a time
     error = None
     if _dist.rank() == 0:
         try:
-            entries = module_entries(engine.module, exclude_frozen_parameters)
+            entries = module_entries(engine.module, exclude_frozen_parameters, whole)
             path = Path(save_dir) / save_filename
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + layout.TMP_MARK + "16bit")

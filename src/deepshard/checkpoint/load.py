@@ -34,6 +34,7 @@ from deepshard.checkpoint.state import (
     RowShard,
     master_pairs,
     module_entries,
+    module_row_shards,
     optimizer_fqns,
     row_shards,
     shard_tensor,
@@ -277,9 +278,10 @@ def load_into_engine(
     sources = _module_keys(engine, path, es, opts)
     pairs = master_pairs(engine)
     from_masters = {n for n, _, _ in pairs if n in sources} if want_optimizer else set()
+    module_rows = module_row_shards(engine)  # ZeRO-3: the module holds this rank's rows
     for key, tensor in module_entries(engine.module).tensors.items():
         if key in sources and key not in from_masters:
-            targets.whole(MODEL + sources[key], tensor)
+            targets.rows(MODEL + sources[key], tensor, module_rows.get(key))
     skeleton: dict[str, Any] = {}
     if want_optimizer:
         # masters first: the module's trainable parameters are published from them below

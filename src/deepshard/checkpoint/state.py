@@ -123,14 +123,17 @@ class ModuleEntries:
     frozen: set[str]
 
 
-def module_entries(module: torch.nn.Module, exclude_frozen: bool = False) -> ModuleEntries:
-    """The module's state by FQN; a tensor shared by several names is kept under its first name."""
+def module_entries(
+    module: torch.nn.Module, exclude_frozen: bool = False, state: dict[str, Any] | None = None
+) -> ModuleEntries:
+    """The module's state by FQN (``state``: instead of ``module.state_dict()``, e.g. ZeRO-3's whole
+    one); a tensor shared by several names is kept under its first name."""
     frozen = {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     extras: dict[str, Any] = {}
     seen: dict[tuple[Any, ...], str] = {}
-    for key, value in module.state_dict().items():
+    for key, value in (module.state_dict() if state is None else state).items():
         if exclude_frozen and key in frozen:
             continue
         if not isinstance(value, torch.Tensor):
@@ -191,6 +194,17 @@ def row_shards(engine: Any) -> dict[str, RowShard]:
     }
 
 
+def module_row_shards(engine: Any) -> dict[str, RowShard]:
+    """FQN -> :class:`RowShard` for module entries that hold this rank's rows (ZeRO-3 sharded parameters)."""
+    runtime = getattr(engine.partition, "stage3", None)
+    if runtime is None:
+        return {}
+    world, rank = int(engine.dp_world_size), int(engine.partition.rank)
+    from deepshard.zero.layout import ShardSpec
+
+    return {name: RowShard(p.shape, ShardSpec(p.shape, world).row_range(rank)) for name, p in runtime.named_sharded()}
+
+
 def _whole_scalar(local: torch.Tensor, group: Any, world: int) -> torch.Tensor:
     """Collective: the 0-d tensor whose single row the group's rank 0 holds, on every rank."""
     if world == 1:
@@ -229,6 +243,13 @@ def capture(engine: Any, client_state: dict[str, Any] | None, exclude_frozen: bo
     global_shapes: dict[str, torch.Size] = {}
     shards = row_shards(engine)
     distributed = sharded_rows(engine)  # rows of more than one rank: DTensors
+    for name, shard in module_row_shards(engine).items():  # ZeRO-3: the module holds rows too
+        if MODEL + name not in tensors:
+            continue
+        if shard.scalar:
+            tensors[MODEL + name] = _whole_scalar(tensors[MODEL + name], engine.dp_group, int(engine.dp_world_size))
+        elif distributed:
+            global_shapes[MODEL + name] = shard.shape
 
     def put(key: str, name: str, value: torch.Tensor, master: torch.Tensor) -> None:
         shard = shards.get(name)

@@ -110,8 +110,9 @@ def full_state_dict(module: torch.nn.Module, cpu: bool = False) -> dict[str, tor
     for g in groups:
         with GatheredParameters(g.params):
             for p in g.params:
-                for name in names.get(id(p), []):
-                    whole[name] = p.detach().to("cpu" if cpu else p.device, copy=True)
+                copy = p.detach().to("cpu" if cpu else p.device, copy=True)
+                for name in names.get(id(p), []):  # tied names share one tensor, as in state_dict()
+                    whole[name] = copy
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if key in whole:

@@ -95,6 +95,8 @@ class Stage3Runtime:
         self._trace = self._traces[True]
         self._active = False  # inside an iteration (root forward started, backward not finished)
         self._free: list[torch.Tensor] = []
+        sizes = sorted(g.gather_numel for g in self.groups)
+        self._typical_gather = sizes[len(sizes) // 2] if sizes else 0
         self._pending: dict[int, int] = {}  # group index -> trainable params still without a gradient
         self._trainable = {g.index: sum(p.requires_grad for p in g.params) for g in self.groups}
         self._handles: list[Any] = []
@@ -119,6 +121,10 @@ class Stage3Runtime:
                 setattr(p, GROUP_ATTR, g)
         self.partition: Any = None  # the ZeroPartition, set once built (for GatheredParameters' updates)
         self.peak_live_numel = 0
+
+    def named_sharded(self) -> list[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of every sharded parameter, tied ones under each of their names."""
+        return list(self._names.items())
 
     def _state_dict_hook(self, module: nn.Module, state: dict[str, Any], prefix: str, meta: Any) -> None:
         """Sharded parameters appear as this rank's rows, unless gathered (then whole)."""
@@ -162,8 +168,10 @@ class Stage3Runtime:
         return torch.empty(n, dtype=group.dtype, device=group.device)
 
     def _give(self, buf: torch.Tensor) -> None:
+        """Keep a finished gather buffer for reuse: at most three, none above twice the typical group
+        (an embedding-sized root buffer is dropped, so the pool stays bounded by the block size)."""
         base = buf if buf._base is None else buf._base
-        if len(self._free) < 3:
+        if len(self._free) < 3 and base.numel() <= 2 * self._typical_gather:
             self._free.append(base)
 
     # ------------------------------------------------------------------ gather / release

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from deepshard import comm
+from deepshard.comm.host_shm import release_freed_heap
 from deepshard.zero.grad_reduce import ReduceScatterGradReducer, ReduceSpec
 from deepshard.zero.layout import ShardSpec
 from deepshard.zero.param_gather import ParamGatherer
@@ -128,6 +129,7 @@ def build_stage3(
         max_live_numel=int(zero_cfg.stage3_max_live_parameters),
         max_reuse_distance=int(zero_cfg.stage3_max_reuse_distance),
     )
+    release_freed_heap()  # the whole parameters just dropped
     partition = ZeroPartition(stage, rank, world, group, reducer, masters, gatherer, shared, stage3=runtime)
     runtime.partition = partition
     return partition
