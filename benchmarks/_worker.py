@@ -3,10 +3,20 @@
 Every contender trains the same GPT on the same token batches with the same optimizer (AdamW,
 lr 1e-4, weight decay 0.01, no gradient clipping), so that they do the same work per step:
 
-* ``deepshard``: ``deepshard.initialize`` with a stage-0 ds_config (AdamW from the config);
+* ``deepshard``: ``deepshard.initialize`` with a ds_config (stage 0 unless ``--extra-config`` sets
+  ``zero_optimization.stage``; AdamW from the config);
 * ``deepspeed``: ``deepspeed.initialize`` with the *same* ds_config;
 * ``ddp``: ``torch.nn.parallel.DistributedDataParallel`` (``gradient_as_bucket_view=True``) and
   ``torch.optim.AdamW(fused=True)``; bf16 is autocast with fp32 parameters, the stock recipe.
+* ``fsdp2``: PyTorch FSDP2, ``torch.distributed.fsdp.fully_shard`` on every ``Block`` and then on
+  the root (which holds the embeddings, the final norm and the head tied to the token embedding),
+  ``reshard_after_forward`` at its default, over a 1-D CPU device mesh on the gloo group; the
+  ZeRO-3 peer. bf16 is ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`` over fp32
+  sharded parameters (the counterpart of bf16 with fp32 master weights); the optimizer is
+  ``torch.optim.AdamW(fused=True)`` on the sharded (DTensor) parameters. It ignores the ds_config.
+
+Every contender builds the full model on every rank first (no ``zero.Init``-style construction), so
+the peak RSS of the sharding contenders includes one full fp32 copy of the model at start-up.
 
 After ``--warmup`` untimed steps, ``--steps`` steps are timed between two barriers. Rank 0 writes one
 JSON file with the global tokens/s, per-phase times (forward / backward incl. gradient reduction /
@@ -61,6 +71,10 @@ class _Contender:
     def step(self) -> None:
         raise NotImplementedError
 
+    def describe(self) -> dict[str, Any]:
+        """What actually runs (recorded in the result, so that a run shows e.g. the ZeRO stage in force)."""
+        return {"optimizer": type(getattr(self, "optimizer", None)).__name__}
+
 
 class _Engine(_Contender):
     """deepshard and DeepSpeed share DeepSpeed's engine API."""
@@ -77,14 +91,21 @@ class _Engine(_Contender):
     def step(self) -> None:
         self.engine.step()
 
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"optimizer": type(getattr(self.engine, "optimizer", None)).__name__}
+        with contextlib.suppress(Exception):
+            out["zero_stage"] = self.engine.zero_optimization_stage()
+        return out
 
-class _DDP(_Contender):
-    def __init__(self, model: torch.nn.Module, dtype: str) -> None:
-        from torch.nn.parallel import DistributedDataParallel
 
-        self.model = DistributedDataParallel(model, gradient_as_bucket_view=True)
+class _TorchLoop(_Contender):
+    """A wrapped module trained by the plain PyTorch loop with fused AdamW (DDP and FSDP2)."""
+
+    autocast = False
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
-        self.autocast = dtype == "bf16"
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
@@ -97,6 +118,34 @@ class _DDP(_Contender):
     def step(self) -> None:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+
+class _DDP(_TorchLoop):
+    def __init__(self, model: torch.nn.Module, dtype: str) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        super().__init__(DistributedDataParallel(model, gradient_as_bucket_view=True))
+        self.autocast = dtype == "bf16"
+
+
+class _FSDP2(_TorchLoop):
+    """FSDP2: one ``fully_shard`` unit per transformer block, then the root for the remaining parameters.
+
+    The tied head / token-embedding weight is one parameter of the root unit, so it is sharded,
+    gathered and reduced once. The optimizer steps on the local shards of the DTensor parameters.
+    """
+
+    def __init__(self, model: torch.nn.Module, dtype: str, world: int) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        kwargs: dict[str, Any] = {"mesh": init_device_mesh("cpu", (world,))}
+        if dtype == "bf16":
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in model.blocks:  # type: ignore[union-attr]
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+        super().__init__(model)  # the optimizer steps the local shards of the DTensor parameters
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -133,12 +182,14 @@ def build(
         return _Engine(engine)
     if impl == "ddp":
         return _DDP(model, dtype)
-    raise ValueError(f"unknown --impl {impl!r}; expected deepshard, deepspeed or ddp")
+    if impl == "fsdp2":
+        return _FSDP2(model, dtype, world)
+    raise ValueError(f"unknown --impl {impl!r}; expected deepshard, deepspeed, ddp or fsdp2")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--impl", required=True, choices=["deepshard", "ddp", "deepspeed"])
+    parser.add_argument("--impl", required=True, choices=["deepshard", "ddp", "deepspeed", "fsdp2"])
     parser.add_argument("--dtype", required=True, choices=["fp32", "bf16"])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=10)
@@ -148,7 +199,7 @@ def main() -> None:
     parser.add_argument(
         "--extra-config",
         default="{}",
-        help="JSON merged into the ds_config of deepshard and DeepSpeed (not DDP)",
+        help="JSON merged into the ds_config of deepshard and DeepSpeed (not DDP or FSDP2)",
     )
     args = parser.parse_args()
 
@@ -214,6 +265,7 @@ def main() -> None:
             "warmup": args.warmup,
             "elapsed_s": elapsed,
             "tokens_per_s": tokens / elapsed,
+            "contender": contender.describe(),
             "first_loss": losses[0],
             "last_loss": losses[-1],
             "ranks": gathered,

@@ -1,4 +1,4 @@
-"""Data-parallel throughput and memory: deepshard vs torch DDP vs DeepSpeed, in one run.
+"""Data-parallel throughput and memory: deepshard vs torch DDP / FSDP2 vs DeepSpeed, in one run.
 
 Each contender trains the benchmark GPT (``--preset small``: 6 layers, d_model 512, vocab 8192, seq 128,
 ~23M parameters; ``--preset medium``: GPT-2 small's shape, ~124M) with micro-batch 4 on 2 ranks over gloo, one thread per rank. Every job is a
@@ -10,9 +10,21 @@ the resident set size of every rank from outside (psutil, every 0.2 s) and keeps
     python benchmarks/bench_dp.py                     # fp32 and bf16, 5 rounds, 10 warmup + 20 timed steps
     python benchmarks/bench_dp.py --quick             # smoke run: 1 round, 2 warmup + 3 timed steps
     python benchmarks/bench_dp.py --stage 2 --preset medium   # ZeRO-2 (deepshard and DeepSpeed) vs DDP
+    python benchmarks/bench_dp.py --stage 3           # ZeRO-3: deepshard vs FSDP2 vs DeepSpeed stage 3
+    python benchmarks/bench_dp.py --stage 3 --with-ddp             # ... and DDP as a non-sharded reference
+    python benchmarks/bench_dp.py --stage 3 --quick --impls fsdp2,deepspeed   # only some contenders
+
+Contenders (``--impls`` picks any subset, in launch order): at stages 0, 1 and 2 (or without
+``--stage``) deepshard, DDP and DeepSpeed, with DDP and DeepSpeed as the peers deepshard is compared
+with. At ``--stage 3`` deepshard, FSDP2 (``torch.distributed.fsdp.fully_shard`` per transformer
+block and on the root; bf16 as ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``
+over fp32 sharded parameters) and DeepSpeed ZeRO-3, with FSDP2 and DeepSpeed as the peers; DDP joins
+only with ``--with-ddp`` (its ratio is reported, but it is never the "faster peer" at stage 3, being
+no ZeRO-3 peer). deepshard and DeepSpeed share one ds_config (``--stage`` sets
+``zero_optimization.stage``, ``--extra-config`` merges more into it); DDP and FSDP2 do not read it.
 
 DeepSpeed is optional: without it (``DS_BUILD_OPS=0 pip install deepspeed``) the driver says so and
-compares with DDP only. Its first run JIT-compiles its CPU fused Adam (minutes); the driver runs one
+compares with the other peers only. Its first run JIT-compiles its CPU fused Adam (minutes); the driver runs one
 untimed DeepSpeed job first so that no timed job pays for it, and deletes the shared-memory segments
 (``/dev/shm/deepspeed_allreduce_buffer_*``) that DeepSpeed's CPU communication leaves behind.
 Results: ``docs/benchmarks.md``.
@@ -38,10 +50,21 @@ import psutil
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_worker.py"
-IMPLS = ("deepshard", "ddp", "deepspeed")
-PEERS = ("ddp", "deepspeed")
+IMPLS = ("deepshard", "ddp", "deepspeed", "fsdp2")
+PEERS = ("ddp", "deepspeed", "fsdp2")
+# Default contenders (launch order) and the peers that may be the "faster peer", by ZeRO stage.
+DEFAULT_IMPLS = ("deepshard", "ddp", "deepspeed")
+DEFAULT_IMPLS_STAGE3 = ("deepshard", "fsdp2", "deepspeed")
+SHARDED_PEERS_STAGE3 = ("fsdp2", "deepspeed")
 SHM_GLOB = "/dev/shm/deepspeed_allreduce_buffer_*"
 POLL_S = 0.2
+
+
+def default_impls(stage: int | None, with_ddp: bool = False) -> list[str]:
+    """The contenders when ``--impls`` is not given: stage 3 swaps DDP for FSDP2 (DDP on request)."""
+    if stage == 3:
+        return list(DEFAULT_IMPLS_STAGE3) + (["ddp"] if with_ddp else [])
+    return list(DEFAULT_IMPLS)
 
 
 def clean_shm() -> int:
@@ -144,12 +167,18 @@ def _contender(mine: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def summarise(results: list[dict[str, Any]], impls: list[str], dtypes: list[str]) -> dict[str, Any]:
+def summarise(
+    results: list[dict[str, Any]],
+    impls: list[str],
+    dtypes: list[str],
+    faster_candidates: tuple[str, ...] = PEERS,
+) -> dict[str, Any]:
     """Per dtype: per-contender medians, and per-round ratios deepshard / peer with median and range.
 
-    The "faster peer" is the peer with the higher median tokens/s over the whole run; deepshard is
-    compared with it round by round. (Taking the per-round maximum of two noisy peers instead would
-    bias the ratio below 1 even between equally fast contenders.)
+    The "faster peer" is the peer (among ``faster_candidates``, if any of them ran) with the higher
+    median tokens/s over the whole run; deepshard is compared with it round by round. (Taking the
+    per-round maximum of two noisy peers instead would bias the ratio below 1 even between equally
+    fast contenders.)
     """
     summary: dict[str, Any] = {}
     for dtype in dtypes:
@@ -161,10 +190,11 @@ def summarise(results: list[dict[str, Any]], impls: list[str], dtypes: list[str]
             for impl in impls
             if any((k, impl) in by for k in rounds)
         }
-        peers = [p for p in PEERS if p in contenders]
+        peers = [p for p in contenders if p in PEERS]  # in launch order
         ratios: dict[str, dict[str, Any]] = {}
         if "deepshard" in contenders and peers:
-            faster = max(peers, key=lambda p: contenders[p]["tokens_per_s"]["median"])
+            candidates = [p for p in peers if p in faster_candidates] or peers
+            faster = max(candidates, key=lambda p: contenders[p]["tokens_per_s"]["median"])
             for name, metric in METRICS.items():
                 for peer in peers:
                     vals = [
@@ -261,7 +291,15 @@ def main() -> None:
     )
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated, from fp32,bf16")
     parser.add_argument(
-        "--impls", default=",".join(IMPLS), help="comma-separated contenders, in launch order"
+        "--impls",
+        default=None,
+        help=f"comma-separated contenders, in launch order, from {','.join(IMPLS)} (default: "
+        f"{','.join(DEFAULT_IMPLS)}; with --stage 3: {','.join(DEFAULT_IMPLS_STAGE3)})",
+    )
+    parser.add_argument(
+        "--with-ddp",
+        action="store_true",
+        help="add DDP to the contenders (at --stage 3 it is not among the defaults)",
     )
     parser.add_argument("--rounds", type=int, default=5, help="times each contender runs (A B C, A B C, ...)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per job")
@@ -273,12 +311,15 @@ def main() -> None:
         help="JSON merged into the ds_config that deepshard and DeepSpeed share, e.g. "
         '\'{"communication_data_type": "fp32"}\' (DDP has no ds_config)',
     )
-    parser.add_argument("--preset", default="small", help="GPT preset: small (~23M) or medium (~124M, GPT-2 small)")
+    parser.add_argument(
+        "--preset", default="small", help="GPT preset: small (~23M) or medium (~124M, GPT-2 small)"
+    )
     parser.add_argument(
         "--stage",
         type=int,
         default=None,
-        help="ZeRO stage for deepshard and DeepSpeed (sets zero_optimization.stage in the shared config)",
+        help="ZeRO stage for deepshard and DeepSpeed (sets zero_optimization.stage in the shared config); "
+        "3 also makes FSDP2 rather than DDP the default peer",
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 2 warmup + 3 timed steps")
     parser.add_argument("--out-dir", default=None, help="logs and results.json (default: a new temp dir)")
@@ -291,7 +332,13 @@ def main() -> None:
         args.extra_config = json.dumps(extra)
 
     dtypes = [d for d in args.dtypes.split(",") if d]
-    impls = [i for i in args.impls.split(",") if i]
+    if args.impls is None:
+        impls = default_impls(args.stage, args.with_ddp)
+    else:
+        impls = [i for i in args.impls.split(",") if i]
+        if args.with_ddp and "ddp" not in impls:
+            impls.append("ddp")
+    args.impls = ",".join(impls)
     for name in dtypes:
         if name not in ("fp32", "bf16"):
             parser.error(f"--dtypes: unknown dtype {name!r}; choose from fp32, bf16")
@@ -350,7 +397,8 @@ def main() -> None:
                     flush=True,
                 )
 
-    summary = summarise(results, impls, dtypes)
+    faster_candidates = SHARDED_PEERS_STAGE3 if args.stage == 3 else PEERS
+    summary = summarise(results, impls, dtypes, faster_candidates)
     report = {"environment": env, "args": vars(args), "results": results, "summary": summary}
     (out_dir / "results.json").write_text(json.dumps(report, indent=1))
     print()
