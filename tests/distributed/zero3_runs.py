@@ -52,7 +52,8 @@ def live_units(max_live_units: int) -> dict[str, Any]:
     own_resident: list[bool] = []
 
     def probe(module: torch.nn.Module, args: Any) -> None:
-        resident = runtime.resident_groups()
+        # whole values in storage, or a gather in flight (its buffer holds the bytes already)
+        resident = [g for g in runtime.groups if g.holds_values() or g.gathering]
         seen.append((len(resident), sum(g.numel for g in resident)))
         own_resident.append(all(torch.isfinite(p).all() for p in module.parameters()))
 

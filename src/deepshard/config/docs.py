@@ -87,6 +87,15 @@ deepshard follows DeepSpeed's current source:
 - `zero_optimization.overlap_comm`: unset means `true` at stage 3 and `false` otherwise.
 - `zero_optimization.stage3_prefetch_bucket_size`: `50000000` (`5e7`) in the source, although
   DeepSpeed's docs table says `5e8`.
+
+## Where deepshard deliberately departs from DeepSpeed's defaults
+
+- `zero_optimization.stage3_prefetch_bucket_size` and `stage3_max_reuse_distance`, when **absent**:
+  deepshard prefetches one unit ahead and releases a unit after its forward unless it is the very
+  next one needed (as FSDP2 does). DeepSpeed's defaults (`5e7` elements ahead, reuse within `1e9`
+  elements) keep most blocks of a model below a billion parameters gathered from forward to
+  backward, which costs the memory stage 3 exists to save. Given explicitly, both keys have
+  DeepSpeed's meaning, including those default values.
 """
 
 

@@ -121,13 +121,15 @@ def build_stage3(
         if shared is None and persistent_trainable
         else None
     )
+    given = zero_cfg.model_fields_set
     runtime = Stage3Runtime(
         module,
         plan.modules,
         groups,
-        prefetch_numel=int(zero_cfg.stage3_prefetch_bucket_size),
+        # absent keys: one unit ahead, release unless needed next (FSDP2's leanness; docs/config.md)
+        prefetch_numel=int(zero_cfg.stage3_prefetch_bucket_size) if "stage3_prefetch_bucket_size" in given else 1,
         max_live_numel=int(zero_cfg.stage3_max_live_parameters),
-        max_reuse_distance=int(zero_cfg.stage3_max_reuse_distance),
+        max_reuse_distance=int(zero_cfg.stage3_max_reuse_distance) if "stage3_max_reuse_distance" in given else 0,
     )
     release_freed_heap()  # the whole parameters just dropped
     partition = ZeroPartition(stage, rank, world, group, reducer, masters, gatherer, shared, stage3=runtime)
