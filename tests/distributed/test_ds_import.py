@@ -55,6 +55,8 @@ def _engine(ref: dict[str, Any], stage: int) -> Any:
         "zero_optimization": {"stage": stage},
         "gradient_clipping": 0.0,
     }
+    if stage == 3:  # shard the small test model's parameters too (DeepSpeed's threshold keeps them whole)
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 1000
     if ref["bf16"]:
         cfg["bf16"] = {"enabled": True}
     engine, _, _, _ = deepshard.initialize(model=model, model_parameters=model.parameters(), config=cfg)
@@ -161,6 +163,9 @@ WORLD2 = [
     ("zero2_odd_fp32", 2),
     ("zero1_odd_bf16", 1),
     ("zero3_odd_fp32", 1),
+    ("zero3_fp32", 3),
+    ("zero3_odd_fp32", 3),
+    ("zero2_bf16", 3),
 ]
 
 

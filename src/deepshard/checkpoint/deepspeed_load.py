@@ -2,7 +2,8 @@
 
 Every rank reads the DeepSpeed files itself (:func:`.deepspeed_import.read_deepspeed_checkpoint`,
 no collectives) into whole per-parameter tensors, then keeps the rows it owns in this engine's
-layout: its dim-0 rows of the fp32 masters and of the optimizer state at stages 1-2, all of them at
+layout: its dim-0 rows of the fp32 masters and of the optimizer state at stages 1-3 (and of the
+module's sharded parameters at stage 3), all of them at
 stage 0 or on one rank. The trade-off: each rank briefly holds the whole fp32 weights and Adam
 moments (plus one DeepSpeed rank file), which is what lets any DeepSpeed world size and stage load
 into any deepshard one without a resharding step.
@@ -26,7 +27,14 @@ from deepshard.checkpoint import _dist
 from deepshard.checkpoint.deepspeed_import import DeepSpeedState, read_deepspeed_checkpoint
 from deepshard.checkpoint.load import LoadOptions, check_module_match
 from deepshard.checkpoint.manifest import CorruptCheckpointError
-from deepshard.checkpoint.state import RowShard, master_pairs, module_entries, optimizer_fqns, row_shards
+from deepshard.checkpoint.state import (
+    RowShard,
+    master_pairs,
+    module_entries,
+    module_row_shards,
+    optimizer_fqns,
+    row_shards,
+)
 from deepshard.utils.logging import log_dist
 
 # optimizer group keys that choose an implementation, not a value: the loading engine's are kept
@@ -68,15 +76,17 @@ def _module_sources(engine: Any, state: DeepSpeedState, opts: LoadOptions) -> di
     check_module_match(
         f"the DeepSpeed checkpoint {state.path}", sorted(current - saved), sorted(saved - current), opts.strict
     )
+    module_rows = module_row_shards(engine)  # ZeRO-3: the module holds rows of tensors of this shape
     out = {}
     for key, tensor in entries.tensors.items():
         source = _source(state, key)
         if source is None:
             continue
-        if tuple(state.weights[source].shape) != tuple(tensor.shape):
+        shape = module_rows[key].shape if key in module_rows else tensor.shape
+        if tuple(state.weights[source].shape) != tuple(shape):
             raise ValueError(
                 f"{key} has shape {tuple(state.weights[source].shape)} in the DeepSpeed checkpoint {state.path} but "
-                f"{tuple(tensor.shape)} in the model; the checkpoint was saved from a different model configuration."
+                f"{tuple(shape)} in the model; the checkpoint was saved from a different model configuration."
             )
         out[key] = source
     return out
@@ -163,9 +173,10 @@ def load_deepspeed_into_engine(engine: Any, path: Path, opts: LoadOptions) -> di
             "pass load_optimizer_states=False."
         )
     engine.partition.begin_update()  # no rank still reads parameters that this load overwrites
+    module_rows = module_row_shards(engine)  # ZeRO-3: the module holds this rank's rows
     for key, tensor in module_entries(engine.module).tensors.items():
         if key in sources and key not in trainable:
-            tensor.copy_(state.weights[sources[key]])
+            tensor.copy_(_rows(state.weights[sources[key]], tensor, module_rows.get(key)))
     if want_optimizer:
         for name, _, master in pairs:
             if name in trainable:
