@@ -84,16 +84,21 @@ def test_model_state_is_16_psi_over_n(world, dist2, dist4):
         assert r["resident"] == 0
 
 
-def test_one_all_gather_per_unit_per_pass(dist2):
-    for r in dist2.run(z3.count_gathers, 0):
+@pytest.mark.parametrize("host_shm", [False, True])
+def test_one_all_gather_per_unit_per_pass(host_shm, dist2):
+    for r in dist2.run(z3.count_gathers, 0, host_shm):
+        assert r["shared"] == host_shm
         blocks = r["units"] - 1
         # forward: every unit; backward: every block again, and the root too on the first step (from
         # the second on, the recorded trace shows the root is needed at once: it stays gathered)
-        assert r["per_step"] == [r["units"] + blocks + 1] + [r["units"] + blocks] * 2, r
+        expected = [r["units"] + blocks + 1] + [r["units"] + blocks] * 2
+        assert r["gathers"] == expected, r
+        # across hosts each gather is one all-gather collective; on one host a copy from shared memory
+        assert r["per_step"] == (expected if not host_shm else [0, 0, 0]), r
         assert r["params"] > r["units"] + blocks
-    for r in dist2.run(z3.count_gathers, 10**9):
+    for r in dist2.run(z3.count_gathers, 10**9, host_shm):
         # within the reuse distance nothing is released between forward and backward
-        assert r["per_step"][1:] == [r["units"]] * 2, r
+        assert r["gathers"][1:] == [r["units"]] * 2, r
 
 
 def test_user_view_outside_forward(dist2):
@@ -139,3 +144,8 @@ def test_save_16bit_model_gathers_when_asked(dist2, tmp_path):
     results = dist2.run(z3.save_16bit, str(tmp_path))
     assert all(r["saved_False"] is False and r["saved_True"] is True for r in results)
     assert results[0]["equal"]
+
+
+def test_skipped_block_on_one_host_needs_no_collective(dist2):
+    losses = dist2.run(z3.skip_block_on_one_host)
+    assert all(math.isfinite(v) for per_rank in losses for v in per_rank)

@@ -74,9 +74,13 @@ def live_units(max_live_units: int) -> dict[str, Any]:
     }
 
 
-def count_gathers(max_reuse_distance: int) -> dict[str, Any]:
-    """All-gathers per training step (counted at deepshard.comm), with the number of parameters."""
-    engine = _deep_engine(stage3_max_reuse_distance=max_reuse_distance)
+def count_gathers(max_reuse_distance: int, host_shm: bool) -> dict[str, Any]:
+    """Gathers and all-gather collectives (counted at deepshard.comm) per training step."""
+    os.environ["DEEPSHARD_HOST_SHM"] = "1" if host_shm else "0"
+    try:
+        engine = _deep_engine(stage3_max_reuse_distance=max_reuse_distance)
+    finally:
+        del os.environ["DEEPSHARD_HOST_SHM"]
     calls = {"n": 0, "checks": 0}
     original = deepshard.comm.all_gather_into_tensor
 
@@ -85,19 +89,23 @@ def count_gathers(max_reuse_distance: int) -> dict[str, Any]:
         calls["n" if output.is_floating_point() else "checks"] += 1
         return original(output, *args, **kwargs)
 
-    per_step = []
+    per_step, gathers = [], []
+    runtime = engine.partition.stage3
     deepshard.comm.all_gather_into_tensor = counting  # type: ignore[assignment]
     try:
         for step in range(3):
-            calls["n"] = 0
+            calls["n"], before = 0, runtime.gathers
             x, y = _batch(DEEP, step)
             engine.backward(engine(x, y))
             engine.step()
             per_step.append(calls["n"])
+            gathers.append(runtime.gathers - before)
     finally:
         deepshard.comm.all_gather_into_tensor = original  # type: ignore[assignment]
     return {
         "per_step": per_step,
+        "gathers": gathers,
+        "shared": engine.partition.shards_shared,
         "units": len(engine.partition.stage3.groups),
         "checks": calls["checks"],
         "params": sum(1 for _ in engine.module.parameters()),
@@ -232,6 +240,7 @@ def external_reference(world: int) -> list[float]:
 def divergent_rank(mode: str) -> str:
     """Rank 1 leaves the common path; return the error this rank raised ("" when none)."""
     os.environ["DEEPSHARD_COLLECTIVE_TIMEOUT"] = "5"
+    os.environ["DEEPSHARD_HOST_SHM"] = "0"  # gathers over gloo collectives, as across hosts
     try:
         engine = _deep_engine(stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=1)
         rank = deepshard.comm.get_rank()
@@ -258,7 +267,25 @@ def divergent_rank(mode: str) -> str:
                     return f"{type(exc).__name__}: {exc}"
         return ""
     finally:
-        del os.environ["DEEPSHARD_COLLECTIVE_TIMEOUT"]
+        del os.environ["DEEPSHARD_COLLECTIVE_TIMEOUT"], os.environ["DEEPSHARD_HOST_SHM"]
+
+
+def skip_block_on_one_host() -> list[float]:
+    """With shared memory, gathers are local copies: a rank skipping a block desynchronises nothing."""
+    engine = _deep_engine()
+    assert engine.partition.shards_shared
+    rank, losses = deepshard.comm.get_rank(), []
+    blocks = engine.module.blocks
+    for step in range(3):
+        x, y = _batch(DEEP, step)
+        if rank == 1 and step == 1:
+            engine.module.blocks = torch.nn.ModuleList([b for i, b in enumerate(blocks) if i != 1])
+        loss = engine(x, y)
+        engine.module.blocks = blocks
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss.detach()))
+    return losses
 
 
 def unit_plan_names(preset_units: tuple[str, ...]) -> list[str]:

@@ -185,6 +185,7 @@ def load_deepspeed_into_engine(engine: Any, path: Path, opts: LoadOptions) -> di
         engine.optimizer.load_state_dict(_optimizer_state_dict(engine, state, sources, shards))
     else:
         engine.masters.copy_from_model()  # DeepSpeed: without optimizer states, masters follow the module
+        engine.partition.fence()
     if restore_all and opts.lr_scheduler_states and engine.lr_scheduler is not None and state.lr_scheduler:
         engine.lr_scheduler.load_state_dict(dict(state.lr_scheduler))
     if restore_all:

@@ -300,6 +300,7 @@ def load_into_engine(
         engine.optimizer.load_state_dict(skeleton)
     else:
         engine.masters.copy_from_model()  # DeepSpeed: without optimizer states, masters follow the module
+        engine.partition.fence()
     if (
         restore_all
         and opts.lr_scheduler_states

@@ -87,6 +87,12 @@ class DeepShardEngine(torch.nn.Module):
 
         # 1. precision policy and the module in its dtype, identical on every rank
         self.precision = PrecisionPolicy.from_config(config)
+        if config.zero_optimization.stage < 3 and any(hasattr(p, LOCAL_ROWS) for p in model.parameters()):
+            raise ValueError(
+                "the model was built under deepshard.zero.Init (its large parameters hold only this rank's rows), "
+                f"but zero_optimization.stage is {config.zero_optimization.stage}; set zero_optimization.stage "
+                "to 3, or build the model without zero.Init."
+            )
         cast_module(model, self.device, self.precision.param_dtype)
         self.module = model
         self._broadcast_model()

@@ -87,8 +87,7 @@ class GatheredParameters:
             g.write_back()
         if partition is not None:
             partition.masters.copy_from_model()
-            if partition.shared is not None:
-                dist.barrier(group=partition.group)
+            partition.fence()
 
 
 def full_state_dict(module: torch.nn.Module, cpu: bool = False) -> dict[str, torch.Tensor]:

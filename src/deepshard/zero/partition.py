@@ -47,6 +47,7 @@ class ZeroPartition:
     shared: SharedParameters | None = None
     optimizer: torch.optim.Optimizer | None = None  # set by the engine once built (fragment API)
     stage3: Stage3Runtime | None = None
+    shards_shared: bool = False  # stage 3 on one host: every rank's shards in one shared mapping
 
     def reduced_grads(self) -> dict[int, torch.Tensor]:
         """``id(param) -> reduced gradient``: whole (stages 0-1) or this rank's shard (stage 2)."""
@@ -81,6 +82,13 @@ class ZeroPartition:
         """Before masters or parameters are written (step, fragment setters, loads); collective when shared."""
         if self.shared is not None:
             self.shared.begin_update()
+        elif self.shards_shared:
+            dist.barrier(group=self.group)
+
+    def fence(self) -> None:
+        """After rows were written outside a step (loads, GatheredParameters): make them visible to all ranks."""
+        if self.shared is not None or self.shards_shared:
+            dist.barrier(group=self.group)
 
     def publish(self) -> None:
         """After the optimizer step: make the updated parameters whole in the module on every rank.
@@ -97,6 +105,8 @@ class ZeroPartition:
             self.gatherer.gather(self.masters)
         elif self.stage3 is None:
             self.masters.copy_to_model()
+        if self.shards_shared and self.shared is None:
+            dist.barrier(group=self.group)  # every rank's updated rows written before anyone gathers
 
     def after_backward(self) -> None:
         """End of a backward pass: stage 3 releases what it still holds."""

@@ -16,6 +16,11 @@ all-gather): ranks whose code paths diverged fail with a message naming each ran
 matching two different groups' collectives (which mixes their bytes, or aborts the process when the
 sizes differ). A rank whose peers never arrive fails after the watchdog's timeout
 (:mod:`deepshard.zero.watchdog`).
+
+On one host (gloo ranks sharing a machine, :mod:`deepshard.comm.host_shm`) every group's rank-major
+buffer lives in one shared-memory mapping instead: each rank's segment is its row of it, written only
+between the fences of an update (optimizer step, loads), so a gather is one local copy of the peers'
+rows into the full buffer, with no collective at all (and so nothing for diverging ranks to mismatch).
 """
 
 from __future__ import annotations
@@ -46,9 +51,11 @@ class ShardGroup:
         group: Any = None,
         local_rows: Callable[[torch.nn.Parameter], torch.Tensor | None] | None = None,
         check_group: Any = None,
+        shared: torch.Tensor | None = None,
     ) -> None:
         """``local_rows(p)`` may return this rank's rows of ``p`` when ``p`` holds no whole value
-        (built by :class:`deepshard.zero.Init`); otherwise the rows are sliced from ``p``."""
+        (built by :class:`deepshard.zero.Init`); otherwise the rows are sliced from ``p``. ``shared``:
+        the group's rank-major buffer in host shared memory (``layout.full_numel`` elements)."""
         self.name = name
         self.index = index
         self.params = list(params)
@@ -67,13 +74,22 @@ class ShardGroup:
         self.layout = BucketLayout([p.shape for p in self.params], world)
         self.numel = sum(p.numel() for p in self.params)
         seg = self.layout.segment_numel
-        # this rank's shards of every member, back to back
-        self.segment = torch.zeros(seg, dtype=self.dtype, device=self.device)
+        # this rank's shards of every member, back to back (its row of the shared buffer on one host)
+        self.shared = shared
+        self.segment = (
+            shared.view(world, seg)[rank] if shared is not None else torch.zeros(seg, dtype=self.dtype, device=self.device)
+        )
         self.shards = [self.layout.segment_view(self.segment, i, rank) for i in range(len(self.params))]
         self._slot = {id(p): i for i, p in enumerate(self.params)}
         with torch.no_grad():
             for i, (p, shard) in enumerate(zip(self.params, self.shards)):
                 rows = local_rows(p) if local_rows is not None else None
+                if rows is not None and rows.numel() != shard.numel():
+                    raise ValueError(
+                        f"parameter of shape {tuple(p.shape)} in ZeRO-3 unit '{name}' was built by zero.Init with "
+                        f"{rows.numel()} elements on this rank, but rank {rank} of {world} owns {shard.numel()}: "
+                        "build the model under zero.Init with the data-parallel group that initialize() uses."
+                    )
                 if rows is None:
                     start, end = self.layout.specs[i].row_range(rank)
                     rows = as_rows(p.detach())[start:end]
@@ -147,13 +163,18 @@ class ShardGroup:
     @torch.no_grad()
     def start_gather(
         self,
-        buffer: torch.Tensor,
+        buffer: torch.Tensor | None,
         release_buffer: Callable[[torch.Tensor], None] | None = None,
         what: str = "gather",
     ) -> None:
-        """Launch the all-gather into ``buffer`` (``gather_numel`` elements of the group's dtype)."""
+        """Launch the all-gather into ``buffer`` (``gather_numel`` elements of the group's dtype;
+        ``None`` when the group's buffer is shared: the peers' rows are already there)."""
         if self.unsharded or self.gathering:
             return
+        if self.shared is not None:
+            self._buffer, self._release_buffer, self._work = self.shared, None, _Done()
+            return
+        assert buffer is not None, "a gather without shared memory needs a buffer"
         self._check_peers(what)
         mine = buffer.view(self.world, self.layout.segment_numel)[self.rank]
         mine.copy_(self.segment)
@@ -188,7 +209,8 @@ class ShardGroup:
         """Gather now (blocking), with a buffer of its own."""
         if not self.unsharded:
             if not self.gathering:
-                self.start_gather(torch.empty(self.gather_numel, dtype=self.dtype, device=self.device), what=what)
+                buffer = None if self.shared is not None else torch.empty(self.gather_numel, dtype=self.dtype, device=self.device)
+                self.start_gather(buffer, what=what)
             self.finish_gather(what)
 
     @torch.no_grad()

@@ -121,6 +121,7 @@ class Stage3Runtime:
                 setattr(p, GROUP_ATTR, g)
         self.partition: Any = None  # the ZeroPartition, set once built (for GatheredParameters' updates)
         self.peak_live_numel = 0
+        self.gathers = 0  # gathers launched (one per group and pass; counted for tests and benchmarks)
 
     def named_sharded(self) -> list[tuple[str, nn.Parameter]]:
         """``(name, parameter)`` of every sharded parameter, tied ones under each of their names."""
@@ -176,7 +177,8 @@ class Stage3Runtime:
 
     # ------------------------------------------------------------------ gather / release
     def _launch(self, group: ShardGroup, what: str) -> None:
-        group.start_gather(self._take(group), self._give, what)
+        self.gathers += 1
+        group.start_gather(None if group.shared is not None else self._take(group), self._give, what)
 
     def fetch(self, groups: Sequence[ShardGroup], what: str) -> None:
         """Make ``groups`` resident now, counting them in use."""

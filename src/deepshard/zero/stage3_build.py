@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from deepshard import comm
-from deepshard.comm.host_shm import release_freed_heap
+from deepshard.comm.host_shm import align_up, release_freed_heap, shared_storage
 from deepshard.zero.grad_reduce import ReduceScatterGradReducer, ReduceSpec
-from deepshard.zero.layout import ShardSpec
+from deepshard.zero.layout import BucketLayout, ShardSpec
 from deepshard.zero.param_gather import ParamGatherer
 from deepshard.zero.partition import ZeroPartition
 from deepshard.zero.shard_group import LOCAL_ROWS, ShardGroup
@@ -31,6 +31,7 @@ from deepshard.zero.units import plan_units
 from deepshard.zero.watchdog import watchdog_timeout
 
 _GROUPS: dict[tuple[int, float, str], Any] = {}
+_ALIGN = 64  # bytes between groups in the shared mapping
 
 
 def stage3_groups(group: Any) -> tuple[Any, Any]:
@@ -71,11 +72,11 @@ def build_stage3(
     budget = int(zero_cfg.stage3_model_persistence_threshold)
     ag_group, check_group = stage3_groups(group)
 
-    groups: list[ShardGroup | None] = []
     persistent: list[torch.nn.Parameter] = []
     unit_trainable: list[list[torch.nn.Parameter]] = []
+    members: list[list[torch.nn.Parameter]] = []
     kept = 0
-    for index, ((name, _), params) in enumerate(zip(plan.modules, plan.params)):
+    for params in plan.params:
         sharded = []
         for p in params:
             small = p.numel() < threshold and kept + p.numel() <= budget
@@ -84,10 +85,18 @@ def build_stage3(
                 kept += p.numel()
             else:
                 sharded.append(p)
-        groups.append(
-            ShardGroup(name, index, sharded, rank, world, ag_group, _local_rows, check_group) if sharded else None
-        )
+        members.append(sharded)
         unit_trainable.append([p for p in params if p.requires_grad])
+    buffers = _shared_buffers(members, world, group)
+    groups: list[ShardGroup | None] = [
+        ShardGroup(name, index, sharded, rank, world, ag_group, _local_rows, check_group, buffers[index])
+        if sharded
+        else None
+        for index, ((name, _), sharded) in enumerate(zip(plan.modules, members))
+    ]
+    shards_shared = any(b is not None for b in buffers)
+    if shards_shared:
+        torch.distributed.barrier(group=group)  # every rank's rows are in place before anyone gathers
     for g in groups:
         if g is not None:
             for p in g.params:
@@ -132,9 +141,36 @@ def build_stage3(
         max_reuse_distance=int(zero_cfg.stage3_max_reuse_distance) if "stage3_max_reuse_distance" in given else 0,
     )
     release_freed_heap()  # the whole parameters just dropped
-    partition = ZeroPartition(stage, rank, world, group, reducer, masters, gatherer, shared, stage3=runtime)
+    partition = ZeroPartition(
+        stage, rank, world, group, reducer, masters, gatherer, shared, stage3=runtime, shards_shared=shards_shared
+    )
     runtime.partition = partition
     return partition
+
+
+def _shared_buffers(
+    members: list[list[torch.nn.Parameter]], world: int, group: Any
+) -> list[torch.Tensor | None]:
+    """Each group's rank-major buffer in one host shared-memory mapping (collective), or ``None`` each."""
+    layouts = [BucketLayout([p.shape for p in ps], world) if ps else None for ps in members]
+    sizes = [
+        align_up(lay.full_numel * ps[0].element_size(), _ALIGN) if lay is not None else 0
+        for lay, ps in zip(layouts, members)
+    ]
+    usable = all(p.device.type == "cpu" for ps in members for p in ps)
+    storage = shared_storage(group, sum(sizes), usable) if world > 1 else None
+    if storage is None:
+        return [None] * len(members)
+    out: list[torch.Tensor | None] = []
+    offset = 0
+    for lay, ps, size in zip(layouts, members, sizes):
+        if lay is None:
+            out.append(None)
+            continue
+        nbytes = lay.full_numel * ps[0].element_size()
+        out.append(storage[offset : offset + nbytes].view(ps[0].dtype))
+        offset += size
+    return out
 
 
 def _local_rows(p: torch.nn.Parameter) -> torch.Tensor | None:
