@@ -4,8 +4,10 @@ Each contender trains the benchmark GPT (``--preset small``: 6 blocks) at stage 
 a few steps; every ``torch.distributed`` collective call is counted per step (after two warm-up
 steps, so that deepshard's prefetch trace is recorded), and for deepshard also its own
 ``deepshard.comm`` calls: parameter all-gathers (floats), the 8-byte pre-gather checks (int64) and
-gradient reduce-scatters. deepshard's gloo all-gather is made of one broadcast per rank, so its
-``torch.distributed`` count shows broadcasts rather than all-gathers.
+gradient reduce-scatters, and its unit gathers whatever their path. ``deepshard`` runs as on one host
+(gathers are copies from shared memory, no collective); ``deepshard-collectives`` with
+``DEEPSHARD_HOST_SHM=0``, as across hosts, where each gather is one all-gather; deepshard's gloo
+all-gather is made of one broadcast per rank, so its ``torch.distributed`` count shows broadcasts.
 
     python benchmarks/zero3_collectives.py                 # small preset, both contenders
     python benchmarks/zero3_collectives.py --impls deepshard
@@ -65,29 +67,37 @@ def _worker(impl: str, preset: str, steps: int, out: str) -> None:
     }
     torch.manual_seed(0)
     model = GPT(cfg)
-    if impl == "deepshard":
+    if impl.startswith("deepshard"):
         import deepshard
+
+        if impl == "deepshard-collectives":  # as across hosts: gathers over gloo collectives
+            os.environ["DEEPSHARD_HOST_SHM"] = "0"
 
         for name in ("all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce", "broadcast"):
             wrap(deepshard.comm, name, "deepshard.comm.")
         deepshard.init_distributed()
         engine, *_ = deepshard.initialize(model=model, config=config)
         units = len(engine.partition.stage3.groups)
+        runtime = engine.partition.stage3
     else:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
         engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())
         units = None
+        runtime = None
     world, rank = dist.get_world_size(), dist.get_rank()
     g = torch.Generator().manual_seed(0)
     per_step = []
     for step in range(2 + steps):
         x = torch.randint(0, cfg.vocab_size, (4 * world, cfg.seq_len), generator=g)[rank * 4 : rank * 4 + 4]
         counts.clear()
+        before = runtime.gathers if runtime is not None else 0
         loss = engine(x, x)
         engine.backward(loss)
         engine.step()
+        if runtime is not None:
+            counts["deepshard unit gathers (any path)"] = runtime.gathers - before
         if step >= 2:
             per_step.append(dict(counts))
     if rank == 0:
@@ -106,7 +116,7 @@ def _worker(impl: str, preset: str, steps: int, out: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--impls", default="deepshard,deepspeed")
+    parser.add_argument("--impls", default="deepshard,deepshard-collectives,deepspeed")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", default=None)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)

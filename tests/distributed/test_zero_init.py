@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import zero_init_runs as zr
@@ -44,11 +46,14 @@ def test_parent_reinitialisation_is_exact(half, dist2, dist4):
 def test_construction_memory_is_a_fraction_of_the_model(dist4):
     results = dist4.run(zr.construction_memory)
     for rank, r in enumerate(results):
+        losses = r.pop("losses")
+        assert len(losses) == 2 and all(math.isfinite(v) for v in losses), losses
         mib = {k: round(v / 2**20, 1) for k, v in r.items()}
         message = f"rank {rank}: full fp32 model {mib['full']} MiB, peak RSS increase {mib['peak']} MiB, held {mib['held']} MiB"
         assert r["full"] > 100 * 2**20, message
         assert r["full"] > 2 * r["peak"], message
         assert r["full"] > 2 * r["held"], message
+        assert r["full"] > 2 * r["model_state_after_init"], message  # the engine's parameter shards
 
 
 def test_ranks_seeded_differently_are_refused(dist2):

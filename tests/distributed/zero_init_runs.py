@@ -18,7 +18,7 @@ from torch import nn
 import deepshard
 from deepshard.comm.host_shm import release_freed_heap
 from deepshard.testing.models import GPT, PRESETS, GPTConfig
-from deepshard.testing.parity import train_engine
+from deepshard.testing.parity import make_token_batches, train_engine
 from deepshard.zero.gathered import full_state_dict
 from deepshard.zero.init import Init
 from deepshard.zero.layout import ShardSpec
@@ -171,7 +171,16 @@ def construction_memory() -> dict[str, int]:
         held += rows.numel() * rows.element_size() if rows is not None else p.numel() * p.element_size()
     full = sum(p.numel() * 4 for p in model.parameters())
     result = {"full": full, "peak": peak[0] - base, "held": held}
-    del model
+    # and it trains: ZeRO-3 adopts the rows as its shards
+    world = deepshard.comm.get_world_size()
+    cfg = {"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+           "zero_optimization": {"stage": 3}}  # fmt: skip
+    engine, _, _, _ = deepshard.initialize(model=model, config=cfg)
+    batches = make_token_batches(MEMORY_MODEL.vocab_size, 16, world, 2, seed=3)
+    result["losses"] = train_engine(engine, batches)  # type: ignore[assignment]
+    result["model_state_after_init"] = engine.memory_breakdown().parameters
+    engine.destroy()
+    del model, engine
     gc.collect()
     release_freed_heap()
     return result
