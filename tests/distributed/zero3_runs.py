@@ -196,6 +196,19 @@ class _SharedHead(torch.nn.Module):
         return (h @ self.blocks[1].borrowed[0]).pow(2).mean()
 
 
+def _train_inputs(engine: Any, inputs: Any) -> list[float]:
+    """One step per input (this rank's); the loss averaged over ranks per step."""
+    losses = []
+    for x in inputs:
+        loss = engine(x)
+        engine.backward(loss)
+        engine.step()
+        total = loss.detach().clone()
+        deepshard.comm.all_reduce(total)
+        losses.append(float(total) / deepshard.comm.get_world_size())
+    return losses
+
+
 def external_parameter(register: bool) -> list[float]:
     """Train the _SharedHead model; with ``register`` the borrowed weight is declared to ZeRO-3."""
     torch.manual_seed(0)
@@ -206,18 +219,9 @@ def external_parameter(register: bool) -> list[float]:
     engine, _, _, _ = deepshard.initialize(
         model=model, config=_config(1, deepshard.comm.get_world_size(), **_stage3())
     )
-    losses = []
-    for step in range(4):
-        g = torch.Generator().manual_seed(step)
-        x = torch.randn(4, 16, generator=g)
-        x = x.chunk(deepshard.comm.get_world_size())[deepshard.comm.get_rank()]
-        loss = engine(x)
-        engine.backward(loss)
-        engine.step()
-        total = loss.detach().clone()
-        deepshard.comm.all_reduce(total)
-        losses.append(float(total) / deepshard.comm.get_world_size())
-    return losses
+    world, rank = deepshard.comm.get_world_size(), deepshard.comm.get_rank()
+    inputs = [torch.randn(4, 16, generator=torch.Generator().manual_seed(step)).chunk(world)[rank] for step in range(4)]
+    return _train_inputs(engine, inputs)
 
 
 def external_reference(world: int) -> list[float]:
@@ -319,3 +323,69 @@ def save_16bit(root: str) -> dict[str, Any]:
         saved = safetensors.torch.load_file(f"{root}/model.safetensors")
         out["equal"] = all(torch.equal(saved[k], full[k]) for k in saved) and "blocks.0.fc.weight" in saved
     return out
+
+
+class _Router(torch.nn.Module):
+    """A data-dependent block: the sign of its input picks one of two experts (mixture-of-experts style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.experts[0 if float(x.detach().sum()) > 0 else 1](x))
+
+
+class _Routed(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(_Router() for _ in range(2))
+        self.head = torch.nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x).pow(2).mean()
+
+
+def _routed_inputs(step: int, rank: int) -> torch.Tensor:
+    # rank 0's inputs are positive, rank 1's negative: the ranks take different experts
+    g = torch.Generator().manual_seed(50 + step)
+    return torch.rand(2, 16, generator=g) * (1.0 if rank == 0 else -1.0)
+
+
+def routed_training(leaf: bool) -> list[float] | str:
+    """Experts as units (gathers over gloo); with ``leaf`` each router is one leaf unit instead."""
+    os.environ["DEEPSHARD_HOST_SHM"] = "0"
+    os.environ["DEEPSHARD_COLLECTIVE_TIMEOUT"] = "10"
+    try:
+        torch.manual_seed(0)
+        model = _Routed()
+        deepshard.zero.set_unit_modules(model, ["Linear"])
+        if leaf:
+            deepshard.zero.set_z3_leaf_modules(model, [_Router])
+        engine, _, _, _ = deepshard.initialize(
+            model=model, config=_config(1, deepshard.comm.get_world_size(), **_stage3())
+        )
+        return _train_inputs(engine, [_routed_inputs(step, deepshard.comm.get_rank()) for step in range(4)])
+    except RuntimeError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        del os.environ["DEEPSHARD_HOST_SHM"], os.environ["DEEPSHARD_COLLECTIVE_TIMEOUT"]
+
+
+def routed_reference(world: int) -> list[float]:
+    """The same training in one process: the mean of the ranks' losses, each routed on its own input."""
+    from engine_runs import LR
+
+    torch.manual_seed(0)
+    model = _Routed()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, foreach=False)
+    losses = []
+    for step in range(4):
+        loss = sum(model(_routed_inputs(step, r)) for r in range(world)) / world
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses
