@@ -364,3 +364,13 @@ def test_load_config_type_is_exported() -> None:
 
 def test_unsupported_source_type() -> None:
     raises(ConfigError, 42, "Config source of type int is not supported")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("zero_hpz_partition_size", 2), ("zero_quantized_weights", True), ("mics_shard_size", 4),
+     ("stage3_use_all_reduce_for_fetch_params", True), ("stage3_module_granularity_threshold", 100)],
+)  # fmt: skip
+def test_zero_features_not_built_are_refused(key: str, value: object) -> None:
+    msg = raises(NotSupportedYetError, cfg_with(zero_optimization={"stage": 3, key: value}), f"zero_optimization.{key}=")
+    assert "remove the key" in msg

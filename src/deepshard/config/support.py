@@ -16,6 +16,18 @@ SUPPORTED_OFFLOAD_DEVICES: frozenset[str] = frozenset({"none"})
 """Offload tiers deepshard implements for ``offload_optimizer`` and ``offload_param``; ``cpu`` and ``nvme`` come later."""
 
 
+# zero_optimization fields that ask for a feature deepshard does not implement unless left at these values
+_ZERO_FEATURES_NOT_BUILT: dict[str, tuple[object, str]] = {
+    "zero_hpz_partition_size": (1, "ZeRO++ hierarchical partitioning (hpZ)"),
+    "zero_quantized_weights": (False, "ZeRO++ quantized weight all-gather"),
+    "zero_quantized_nontrainable_weights": (False, "ZeRO++ quantized non-trainable weights"),
+    "zero_quantized_gradients": (False, "ZeRO++ quantized gradient reduction"),
+    "mics_shard_size": (-1, "MiCS sharding groups"),
+    "stage3_use_all_reduce_for_fetch_params": (False, "fetching stage-3 parameters by all-reduce"),
+    "stage3_module_granularity_threshold": (0, "DeepSpeed's granularity-based leaf modules (use deepshard.zero.set_unit_modules)"),
+}
+
+
 def check_supported(cfg: DeepShardConfig) -> None:
     """Raise :class:`NotSupportedYetError` naming the key when ``cfg`` asks for a feature not built yet."""
     zero = cfg.zero_optimization
@@ -24,6 +36,13 @@ def check_supported(cfg: DeepShardConfig) -> None:
             f"zero_optimization.stage={zero.stage}: deepshard does not support ZeRO stage {zero.stage} yet "
             f"(supported: {sorted(SUPPORTED_ZERO_STAGES)}); set zero_optimization.stage to 0 to continue."
         )
+    for key, (default, what) in _ZERO_FEATURES_NOT_BUILT.items():
+        value = getattr(zero, key)
+        if value != default:
+            raise NotSupportedYetError(
+                f"zero_optimization.{key}={value!r}: deepshard does not implement {what} yet; remove the key "
+                f"or set it to {default!r} to continue."
+            )
     for name, section in (
         ("offload_optimizer", zero.offload_optimizer),
         ("offload_param", zero.offload_param),
