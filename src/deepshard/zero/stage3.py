@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_flatten
 
 from deepshard.zero.gathered import GROUP_ATTR
 from deepshard.zero.shard_group import ShardGroup
-from deepshard.zero.units import external_parameters
+from deepshard.zero.units import external_parameters, reachable_params
 
 
 class _Trace:
@@ -78,6 +78,7 @@ class Stage3Runtime:
         self.model = model
         self.groups = [g for g in groups if g is not None]
         self.owner: dict[int, ShardGroup] = {id(p): g for g in self.groups for p in g.params}
+        self._by_index = {g.index: g for g in self.groups}
         self.prefetch_numel = prefetch_numel
         self.max_live = max_live_numel
         self.max_reuse = max_reuse_distance
@@ -86,8 +87,6 @@ class Stage3Runtime:
         self.module_names = {id(m): name for name, m in units}
         self.unit_names = {g.index: g.name for g in self.groups}
         unit_ids = {id(m) for m in self._modules}
-        from deepshard.zero.units import reachable_params
-
         for module in self._modules:
             self._static_needs[id(module)] = self._owners(reachable_params(module, unit_ids - {id(module)}))
         self._in_use: dict[int, int] = {}  # group index -> modules (or contexts) using it now
@@ -217,22 +216,10 @@ class Stage3Runtime:
         for index in trace.order[trace.pos :]:
             if index == group.index:
                 return distance <= self.max_reuse
-            distance += self.groups_by_index(index).numel
+            distance += self._by_index[index].numel
             if distance > self.max_reuse:
                 return False
         return False
-
-    def groups_by_index(self, index: int) -> ShardGroup:
-        """The group with trace index ``index``."""
-        return self._by_index[index]
-
-    @property
-    def _by_index(self) -> dict[int, ShardGroup]:
-        cached: dict[int, ShardGroup] | None = getattr(self, "_by_index_cache", None)
-        if cached is None:
-            cached = {g.index: g for g in self.groups}
-            self._by_index_cache = cached
-        return cached
 
     def _prefetch(self, what: str) -> None:
         trace = self._trace

@@ -1,8 +1,9 @@
 """Which modules are ZeRO-3 units (``ShardGroup``\\ s), chosen by a policy the user may override.
 
 A unit is a module whose parameters are gathered together before its forward and released after it.
-Units do not nest: the walk stops at a unit, and everything it reaches below belongs to it. The
-root module is always the last unit and takes the parameters no other unit reaches.
+The walk stops at a unit chosen by class (leaf or policy class): everything below it belongs to it.
+Under ``min_params`` a unit may contain smaller units; each parameter belongs to the innermost one.
+The root module is always the last unit and takes the parameters no other unit reaches.
 
 Policy, first match wins:
 
