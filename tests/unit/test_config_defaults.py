@@ -89,7 +89,7 @@ def test_offload_defaults() -> None:
 
 def test_feature_gates() -> None:
     assert frozenset({0, 1, 2, 3}) == SUPPORTED_ZERO_STAGES
-    assert frozenset({"none"}) == SUPPORTED_OFFLOAD_DEVICES
+    assert frozenset({"none", "cpu", "nvme"}) == SUPPORTED_OFFLOAD_DEVICES
 
 
 def test_docs_are_generated_from_the_schema() -> None:

@@ -203,11 +203,42 @@ def test_zero_stage_3_is_accepted() -> None:
     assert cfg.zero_optimization.effective_overlap_comm  # DeepSpeed: overlap defaults on at stage 3
 
 
-@pytest.mark.parametrize(("section", "device"), [("offload_optimizer", "cpu"), ("offload_param", "nvme")])
-def test_offload_devices_not_supported_yet(section: str, device: str) -> None:
-    data = cfg_with(zero_optimization={section: {"device": device}})
-    msg = raises(NotSupportedYetError, data, f"zero_optimization.{section}.device='{device}'")
-    assert "set it to 'none'" in msg
+@pytest.mark.parametrize(
+    ("zero", "pattern"),
+    [
+        ({"stage": 2, "offload_param": {"device": "cpu"}}, r"offload_param.device='cpu' needs ZeRO stage 3"),
+        ({"stage": 0, "offload_optimizer": {"device": "cpu"}}, r"offload_optimizer.device='cpu' needs ZeRO stage 1, 2 or 3"),
+        ({"stage": 2, "offload_optimizer": {"device": "nvme"}}, r"offload_optimizer.nvme_path is not set"),
+        ({"stage": 3, "offload_param": {"device": "nvme"}}, r"offload_param.nvme_path is not set"),
+    ],
+)
+def test_offload_bad_combinations(zero: dict, pattern: str) -> None:
+    raises(ConfigError, cfg_with(zero_optimization=zero), pattern)
+
+
+def test_offload_devices_and_aio_section_are_accepted() -> None:
+    cfg = load_config(
+        cfg_with(
+            zero_optimization={
+                "stage": 3,
+                "offload_optimizer": {"device": "nvme", "nvme_path": "/x", "pipeline_read": True},
+                "offload_param": {"device": "cpu"},
+            },
+            aio={"block_size": 8192, "queue_depth": 4, "thread_count": 2, "single_submit": False},
+        )
+    )
+    assert cfg.zero_optimization.offload_optimizer.device == "nvme"
+    assert cfg.aio.intra_op_parallelism == 2 and cfg.aio.block_size == 8192 and cfg.aio.queue_depth == 4
+
+
+def test_aio_block_size_must_be_aligned_and_gds_refused() -> None:
+    raises(ConfigError, cfg_with(aio={"block_size": 1000}), r"aio.block_size=1000 is not a multiple of 4096")
+    raises(NotSupportedYetError, cfg_with(aio={"use_gds": True}), r"aio.use_gds")
+
+
+def test_partial_offload_is_refused_at_stage_3() -> None:
+    data = cfg_with(zero_optimization={"stage": 3, "offload_optimizer": {"device": "cpu", "ratio": 0.5}})
+    raises(NotSupportedYetError, data, r"offload_optimizer.ratio=0.5: deepshard does not implement partial")
 
 
 def test_offload_device_none_is_accepted() -> None:

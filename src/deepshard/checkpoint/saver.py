@@ -99,33 +99,35 @@ class Checkpointer:
             layout.remove_stale(root)
         _dist.raise_if_any(None)  # barrier: rank 0 cleaned up before anyone writes
         final = root / agreed_tag
-        job = _SaveJob(
-            root,
-            root / f"{agreed_tag}{layout.TMP_MARK}{token}",
-            final,
-            token,
-            save_latest,
-            capture(self.engine, client_state, exclude_frozen_parameters),
-            self._mesh(),
-        )
-        if async_save:
-            start = time.perf_counter()
-            job.captured = job.captured.staged()
-            group = self._checkpoint_group()
-            job.mesh = self._mesh(async_group=True)  # the staged rows live in host memory
-            log_dist(
-                f"checkpoint {final}: staged {job.captured.nbytes / 2**20:.1f} MiB in "
-                f"{time.perf_counter() - start:.2f}s, writing in the background",
-                ranks=[0],
+        # offloaded (NVMe) masters, optimizer state and shards are read in for the capture, dropped after
+        with self.engine.partition.resident():
+            job = _SaveJob(
+                root,
+                root / f"{agreed_tag}{layout.TMP_MARK}{token}",
+                final,
+                token,
+                save_latest,
+                capture(self.engine, client_state, exclude_frozen_parameters),
+                self._mesh(),
             )
-            self._error = None
-            self._pending_path = final
-            self._thread = threading.Thread(
-                target=self._run_async, args=(job, group), name="deepshard-checkpoint"
-            )
-            self._thread.start()
-        else:
-            job.run(None)
+            if async_save:
+                start = time.perf_counter()
+                job.captured = job.captured.staged()
+                group = self._checkpoint_group()
+                job.mesh = self._mesh(async_group=True)  # the staged rows live in host memory
+                log_dist(
+                    f"checkpoint {final}: staged {job.captured.nbytes / 2**20:.1f} MiB in "
+                    f"{time.perf_counter() - start:.2f}s, writing in the background",
+                    ranks=[0],
+                )
+                self._error = None
+                self._pending_path = final
+                self._thread = threading.Thread(
+                    target=self._run_async, args=(job, group), name="deepshard-checkpoint"
+                )
+                self._thread.start()
+            else:
+                job.run(None)
         return str(final)
 
     def _mesh(self, async_group: bool = False) -> DeviceMesh | None:
@@ -204,11 +206,12 @@ class Checkpointer:
         opts = LoadOptions(
             load_module_strict, load_optimizer_states, load_lr_scheduler_states, load_module_only
         )
-        if layout.is_deepspeed_checkpoint(path):  # written by DeepSpeed: imported (no manifest to verify)
-            client_state = load_deepspeed_into_engine(self.engine, path, opts)
-        else:
-            manifest.verify(path)
-            client_state = load_into_engine(self.engine, path, opts, self._mesh())
+        with self.engine.partition.resident():  # offloaded state is read in, loaded into, written back
+            if layout.is_deepspeed_checkpoint(path):  # written by DeepSpeed: imported (no manifest to verify)
+                client_state = load_deepspeed_into_engine(self.engine, path, opts)
+            else:
+                manifest.verify(path)
+                client_state = load_into_engine(self.engine, path, opts, self._mesh())
         log_dist(f"loaded checkpoint {path} in {time.perf_counter() - start:.2f}s", ranks=[0])
         return str(path), client_state
 

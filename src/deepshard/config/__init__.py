@@ -12,7 +12,7 @@ package by ``python -m deepshard.config.docs``.
 from deepshard.config._load import ConfigSource, load_config
 from deepshard.config._precision import BF16Config, DataTypesConfig, FP16Config
 from deepshard.config._schema import DeepShardConfig, OptimizerConfig, SchedulerConfig
-from deepshard.config._zero import OffloadOptimizerConfig, OffloadParamConfig, ZeroConfig
+from deepshard.config._zero import AioConfig, OffloadOptimizerConfig, OffloadParamConfig, ZeroConfig
 from deepshard.config.errors import ConfigError, NotSupportedYetError
 from deepshard.config.support import SUPPORTED_OFFLOAD_DEVICES, SUPPORTED_ZERO_STAGES
 
@@ -24,6 +24,7 @@ __all__ = [
     "DeepShardConfig",
     "FP16Config",
     "NotSupportedYetError",
+    "AioConfig",
     "OffloadOptimizerConfig",
     "OffloadParamConfig",
     "OptimizerConfig",

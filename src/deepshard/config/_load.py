@@ -48,6 +48,29 @@ def _check_consistency(cfg: DeepShardConfig) -> None:
             f"zero_optimization.offload_optimizer.ratio={offload.ratio}: partial optimizer offload (ratio < 1) "
             f"needs zero_optimization.stage 3, but stage is {cfg.zero_optimization.stage}; set ratio to 1.0."
         )
+    zero = cfg.zero_optimization
+    if zero.offload_param is not None and zero.offload_param.device != "none" and zero.stage != 3:
+        raise ConfigError(
+            f"zero_optimization.offload_param.device='{zero.offload_param.device}' needs ZeRO stage 3 (parameters are "
+            f"only sharded there), but zero_optimization.stage is {zero.stage}; set stage to 3, or use "
+            "offload_optimizer alone at stages 1-2."
+        )
+    if offload is not None and offload.device != "none" and zero.stage == 0:
+        raise ConfigError(
+            f"zero_optimization.offload_optimizer.device='{offload.device}' needs ZeRO stage 1, 2 or 3, but "
+            "zero_optimization.stage is 0; set stage to at least 1."
+        )
+    for name, section in (("offload_optimizer", offload), ("offload_param", zero.offload_param)):
+        if section is not None and section.device == "nvme" and not section.nvme_path:
+            raise ConfigError(
+                f"zero_optimization.{name}.device is 'nvme' but zero_optimization.{name}.nvme_path is not set; "
+                "set it to a directory on a fast local disk."
+            )
+    if cfg.aio.block_size % 4096:
+        raise ConfigError(
+            f"aio.block_size={cfg.aio.block_size} is not a multiple of 4096 bytes, which O_DIRECT IO needs; "
+            f"use e.g. {max(4096, cfg.aio.block_size // 4096 * 4096)}."
+        )
 
 
 def load_config(source: ConfigSource, *, dp_world_size: int = 1) -> DeepShardConfig:

@@ -25,7 +25,7 @@ from deepshard.config._types import (
     unsupported,
 )
 from deepshard.config._unsupported import TOP_LEVEL_NOT_SUPPORTED
-from deepshard.config._zero import ZeroConfig
+from deepshard.config._zero import AioConfig, ZeroConfig
 
 
 class OptimizerConfig(StrictModel):
@@ -134,7 +134,9 @@ class DeepShardConfig(StrictModel):
         default=False, description="Allow ZeRO (stage >= 1) with an optimizer DeepSpeed has not tested."
     )
     zero_force_ds_cpu_optimizer: bool = Field(
-        default=True, description="With optimizer offload, require DeepSpeed's CPU optimizer."
+        default=True,
+        description="DeepSpeed: with optimizer offload, require its CPU optimizer. Accepted; deepshard offloads any "
+        "`torch.optim` optimizer (Adam/AdamW run PyTorch's fused CPU kernel).",
     )
     optimizer: OptimizerConfig | None = Field(
         default=None, description="Optimizer built by the engine; see `optimizer`."
@@ -153,6 +155,7 @@ class DeepShardConfig(StrictModel):
     checkpoint: CheckpointConfig = Field(
         default=CheckpointConfig(), description="Checkpoint writing; see `checkpoint`."
     )
+    aio: AioConfig = Field(default=AioConfig(), description="Asynchronous IO of the NVMe tier; see `aio`.")
 
     _raw: Mapping[str, Any] = PrivateAttr(default_factory=lambda: MappingProxyType({}))
     _dp_world_size: int = PrivateAttr(default=1)

@@ -30,7 +30,6 @@ TOP_LEVEL_NOT_SUPPORTED: dict[str, Unsupported] = {
     "activation_checkpointing": unsupported(
         "activation checkpointing options", all_defaults(_ACTIVATION_CHECKPOINTING_DEFAULTS)
     ),
-    "aio": unsupported("asynchronous I/O settings for NVMe offload", empty()),
     "amp": unsupported("NVIDIA Apex AMP mixed precision", switched_off()),
     "autotuning": unsupported("the DeepSpeed autotuner", switched_off()),
     "comet": unsupported("logging to Comet", switched_off()),

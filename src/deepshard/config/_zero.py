@@ -60,7 +60,11 @@ class OffloadOptimizerConfig(StrictModel):
     pipeline_write: bool = Field(
         default=False, description="NVMe: write the previous sub-group while the current one steps."
     )
-    fast_init: bool = Field(default=False, description="NVMe: fast optimizer-state initialisation.")
+    fast_init: bool = Field(
+        default=False,
+        description="NVMe: fast optimizer-state initialisation. Accepted; deepshard always streams the masters to "
+        "disk as they are made.",
+    )
     ratio: Float = Field(
         default=1.0,
         ge=0.0,
@@ -86,13 +90,41 @@ class OffloadParamConfig(StrictModel):
         default=None, description="Directory on the NVMe device, for `device: nvme`."
     )
     buffer_count: Int = Field(default=5, ge=0, description="Buffers in the NVMe buffer pool for parameters.")
-    buffer_size: Int = Field(default=100_000_000, ge=0, description="Elements per NVMe parameter buffer.")
+    buffer_size: Int = Field(
+        default=100_000_000,
+        ge=0,
+        description="Elements per NVMe parameter buffer. Accepted; deepshard sizes each buffer to the largest "
+        "unit's shard segment (one transfer).",
+    )
     max_in_cpu: Int = Field(
         default=1_000_000_000,
         ge=0,
         description="Parameter elements kept in host memory when offloading to NVMe.",
     )
     pin_memory: bool = Field(default=True, description=_PIN_MEMORY)
+
+
+class AioConfig(StrictModel):
+    """``aio``: the NVMe tier's asynchronous IO (DeepSpeed's ``aio`` section and defaults)."""
+
+    ALIASES: ClassVar[dict[str, str]] = {"thread_count": "intra_op_parallelism"}
+    NOT_SUPPORTED: ClassVar[dict[str, Unsupported]] = {
+        "use_gds": unsupported("GPUDirect Storage (NVMe to GPU without the host)", equals(False)),
+    }
+
+    block_size: Int = Field(
+        default=1_048_576, gt=0, description="Bytes per IO request; a multiple of 4096 (O_DIRECT's alignment)."
+    )
+    queue_depth: Int = Field(default=8, gt=0, description="IO requests in flight at once.")
+    intra_op_parallelism: Int = Field(
+        default=1, gt=0, description="IO threads (`thread_count` is DeepSpeed's older name)."
+    )
+    single_submit: bool = Field(
+        default=False, description="Submit requests one at a time (accepted; deepshard's threads always do)."
+    )
+    overlap_events: bool = Field(
+        default=True, description="Overlap submission and completion (accepted; deepshard's threads always do)."
+    )
 
 
 class ZeroConfig(StrictModel):

@@ -181,7 +181,7 @@ def render() -> str:
         "## What deepshard runs today",
         "",
         f"- `zero_optimization.stage`: {stages}. Other stages raise `NotSupportedYetError`.",
-        f"- `offload_optimizer.device` / `offload_param.device`: {devices}. Other devices raise `NotSupportedYetError`.",
+        f"- `offload_optimizer.device` / `offload_param.device`: {devices} (see docs/offload.md).",
         "",
         "Keys that only matter at another stage or with offload are accepted with DeepSpeed's meaning and",
         "have no effect until that stage is in use. The sets live in `deepshard/config/support.py`.",

@@ -12,8 +12,8 @@ from deepshard.config.errors import NotSupportedYetError
 SUPPORTED_ZERO_STAGES: frozenset[int] = frozenset({0, 1, 2, 3})
 """ZeRO stages deepshard implements (stage 0 is plain data parallelism)."""
 
-SUPPORTED_OFFLOAD_DEVICES: frozenset[str] = frozenset({"none"})
-"""Offload tiers deepshard implements for ``offload_optimizer`` and ``offload_param``; ``cpu`` and ``nvme`` come later."""
+SUPPORTED_OFFLOAD_DEVICES: frozenset[str] = frozenset({"none", "cpu", "nvme"})
+"""Offload tiers deepshard implements for ``offload_optimizer`` and ``offload_param``."""
 
 
 # zero_optimization fields that ask for a feature deepshard does not implement unless left at these values
@@ -43,6 +43,12 @@ def check_supported(cfg: DeepShardConfig) -> None:
                 f"zero_optimization.{key}={value!r}: deepshard does not implement {what} yet; remove the key "
                 f"or set it to {default!r} to continue."
             )
+    offload = zero.offload_optimizer
+    if offload is not None and offload.device != "none" and offload.ratio < 1.0:
+        raise NotSupportedYetError(
+            f"zero_optimization.offload_optimizer.ratio={offload.ratio}: deepshard does not implement partial "
+            "optimizer offload (part of the step on the accelerator) yet; set ratio to 1.0 to continue."
+        )
     for name, section in (
         ("offload_optimizer", zero.offload_optimizer),
         ("offload_param", zero.offload_param),

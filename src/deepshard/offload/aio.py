@@ -3,7 +3,7 @@
 :class:`AsyncIO` moves tensors between memory and files in the background: each request is split
 into ``block_size`` pieces that a small pool of threads (``thread_count``) reads or writes with
 ``os.preadv`` / ``os.pwritev``, looping over short transfers; at most ``queue_depth`` pieces are in
-flight. A request returns a :class:`concurrent.futures.Future`; an IO error surfaces from it as an
+flight and the rest wait in a queue, so submitting never blocks the caller. A request returns a :class:`concurrent.futures.Future`; an IO error surfaces from it as an
 :class:`AIOError` naming the file, the offset and the operation. The threads release the GIL during the
 system calls, so transfers overlap with computation (PyTorch's kernels release it too).
 
@@ -30,6 +30,7 @@ import shutil
 import threading
 import uuid
 import weakref
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -85,8 +86,11 @@ class AsyncIO:
         if queue_depth <= 0 or thread_count <= 0:
             raise ValueError(f"aio queue_depth and thread_count must be positive, got {queue_depth}, {thread_count}")
         self.block_size = block_size
+        self.queue_depth = queue_depth
         self._pool = ThreadPoolExecutor(max_workers=thread_count, thread_name_prefix="deepshard-aio")
-        self._slots = threading.BoundedSemaphore(queue_depth)
+        self._queue: deque[tuple[str, int, int, memoryview, str, Future[None]]] = deque()
+        self._inflight = 0
+        self._cond = threading.Condition()
         self.bytes_read = 0
         self.bytes_written = 0
         self._lock = threading.Lock()
@@ -108,10 +112,34 @@ class AsyncIO:
         return _all_of(futures, keep=tensor)
 
     def _piece(self, op: str, fd: int, offset: int, piece: memoryview, name: str) -> Future[None]:
-        self._slots.acquire()  # back-pressure: at most queue_depth pieces queued or in flight
-        future = self._pool.submit(self._transfer, op, fd, offset, piece, name)
-        future.add_done_callback(lambda _: self._slots.release())
-        return future
+        """Queue one piece; it starts once fewer than ``queue_depth`` pieces are in flight (never blocks)."""
+        out: Future[None] = Future()
+        with self._cond:
+            self._queue.append((op, fd, offset, piece, name, out))
+            self._pump()
+        return out
+
+    def _pump(self) -> None:
+        """Hand queued pieces to the threads while fewer than ``queue_depth`` are in flight (lock held)."""
+        while self._inflight < self.queue_depth and self._queue:
+            item = self._queue.popleft()
+            self._inflight += 1
+            self._pool.submit(self._run, *item)
+
+    def _run(self, op: str, fd: int, offset: int, piece: memoryview, name: str, out: Future[None]) -> None:
+        error: BaseException | None = None
+        try:
+            self._transfer(op, fd, offset, piece, name)
+        except BaseException as exc:  # noqa: BLE001 - handed to the request's future
+            error = exc
+        with self._cond:
+            self._inflight -= 1
+            self._pump()
+            self._cond.notify_all()
+        if error is not None:
+            out.set_exception(error)
+        else:
+            out.set_result(None)
 
     def _transfer(self, op: str, fd: int, offset: int, piece: memoryview, name: str) -> None:
         done = 0
@@ -138,6 +166,8 @@ class AsyncIO:
 
     def close(self) -> None:
         """Finish queued transfers and stop the threads."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._queue and self._inflight == 0)
         self._pool.shutdown(wait=True)
 
 

@@ -36,7 +36,13 @@ class MasterWeights:
         needs_fp32_copy: bool,
         row_range: Callable[[torch.Tensor], tuple[int, int]] | None = None,
         shards: Mapping[int, torch.Tensor] | None = None,
+        device: torch.device | None = None,
+        pin_memory: bool = False,
+        sink: Callable[[int, torch.Tensor], None] | None = None,
     ) -> None:
+        """``device``: where fp32 copies live (default: with their parameter; the host for optimizer
+        offload, page-locked with ``pin_memory``). ``sink(i, master)`` is called as each master is
+        made, so that an offload tier can take it away before the next one exists."""
         self.params: list[torch.Tensor] = list(params)
         self.needs_fp32_copy = needs_fp32_copy
         self.sharded = row_range is not None
@@ -44,18 +50,24 @@ class MasterWeights:
         # ZeRO-3: this rank's rows live in a shard tensor of their own, not in the parameter
         self.shards: dict[int, torch.Tensor] = dict(shards or {})
         self.masters: list[torch.Tensor] = []
-        for p, rows in zip(self.params, self.ranges):
+        self.published_early = False  # offload: each step writes updated masters into the model itself
+        for i, (p, rows) in enumerate(zip(self.params, self.ranges)):
             if id(p) in self.shards:
                 local = self.shards[id(p)]
             else:
                 local = p.detach() if rows is None else as_rows(p.detach())[rows[0] : rows[1]]
             if needs_fp32_copy:
-                self.masters.append(torch.nn.Parameter(local.to(torch.float32).clone(), requires_grad=p.requires_grad))
+                copy = local.to(device=device or local.device, dtype=torch.float32, copy=True)
+                if pin_memory and copy.device.type == "cpu" and torch.cuda.is_available():
+                    copy = copy.pin_memory()
+                self.masters.append(torch.nn.Parameter(copy, requires_grad=p.requires_grad))
             elif rows is None:
                 self.masters.append(p)
             else:
                 # fp32 shard: a view of the parameter's own rows, stepped in place
                 self.masters.append(torch.nn.Parameter(local, requires_grad=p.requires_grad))
+            if sink is not None:
+                sink(i, self.masters[-1])
         self._by_param = {id(p): m for p, m in zip(self.params, self.masters)}
         self._range_of = {id(p): r for p, r in zip(self.params, self.ranges)}
 
@@ -94,32 +106,72 @@ class MasterWeights:
                     "model.parameters() (or pass model_parameters=) so deepshard can map it to its master copy."
                 ) from None
 
-    def attach_grads(self, grads: Mapping[int, torch.Tensor]) -> None:
-        """Give each master its gradient from ``grads[id(param)]``: whole or shard, viewed or cast to fp32.
+    def attach_grads(self, grads: Mapping[int, torch.Tensor], indices: Sequence[int] | None = None) -> None:
+        """Give each master (or those at ``indices``) its gradient from ``grads[id(param)]``: whole or
+        shard, viewed or cast to fp32 on the master's device.
 
         A whole gradient is sliced to this rank's rows; one already shaped like the master is its shard.
         """
         if self.identity:
             return
-        for p, m, rows in zip(self.params, self.masters, self.ranges):
+        for i in range(len(self.params)) if indices is None else indices:
+            p, m, rows = self.params[i], self.masters[i], self.ranges[i]
             grad = grads.get(id(p))
             if grad is None:
                 m.grad = None
                 continue
             if rows is not None and grad.shape != m.shape:
                 grad = as_rows(grad)[rows[0] : rows[1]]
-            m.grad = grad if grad.dtype == torch.float32 else grad.to(torch.float32)
+            m.grad = grad.to(device=m.device, dtype=torch.float32).view(m.shape)
 
-    def release_grads(self) -> None:
+    def release_grads(self, indices: Sequence[int] | None = None) -> None:
         """Drop master gradients (views stay valid in their buffers; fp32 cast copies are freed)."""
         if not self.identity:
-            for m in self.masters:
-                m.grad = None
+            for i in range(len(self.masters)) if indices is None else indices:
+                self.masters[i].grad = None
+
+    @torch.no_grad()
+    def publish_rows(
+        self,
+        indices: Sequence[int],
+        before: Callable[[torch.Tensor], None] | None = None,
+        after: Callable[[torch.Tensor], None] | None = None,
+    ) -> None:
+        """Write the masters at ``indices`` into this rank's rows of their parameters (or ZeRO-3 shards).
+
+        ``before(param)`` / ``after(param)`` bracket each write (an offloaded shard is made resident,
+        then written back once all its members are done).
+        """
+        dst: list[torch.Tensor] = []
+        src: list[torch.Tensor] = []
+        for i in indices:
+            p, m, rows = self.params[i], self.masters[i], self.ranges[i]
+            if before is not None:
+                before(p)
+            if id(p) in self.shards:
+                target = self.shards[id(p)]
+            else:
+                target = p.data if rows is None else as_rows(p.data)[rows[0] : rows[1]]
+            if target.numel():
+                dst.append(target)
+                src.append(m.detach().view(target.shape))
+        if dst:
+            torch._foreach_copy_(dst, src)
+        if after is not None:
+            for i in indices:
+                after(self.params[i])
+
+    def publish_source(self, param: torch.Tensor) -> torch.Tensor:
+        """What the all-gather of updated rows reads for ``param``: its master, or its own rows once published."""
+        if not self.published_early:
+            return self._by_param[id(param)]
+        rows = self._range_of[id(param)]
+        return param.data if rows is None else as_rows(param.data)[rows[0] : rows[1]]
 
     @torch.no_grad()
     def copy_to_model(self) -> None:
         """Cast updated unsharded masters into the module (sharded masters are all-gathered instead)."""
-        if self.needs_fp32_copy and not self.sharded and self.params:
+        if self.needs_fp32_copy and not self.sharded and self.params and not self.published_early:
             torch._foreach_copy_(self.params, self.masters)
 
     @torch.no_grad()
@@ -136,7 +188,7 @@ class MasterWeights:
     @torch.no_grad()
     def copy_to_shards(self) -> None:
         """Cast updated masters into their ZeRO-3 shard tensors (fp32 masters are those tensors)."""
-        if self.needs_fp32_copy and self.shards:
+        if self.needs_fp32_copy and self.shards and not self.published_early:
             pairs = [(self.shards[id(p)], m) for p, m in zip(self.params, self.masters) if id(p) in self.shards]
             torch._foreach_copy_([s for s, _ in pairs], [m.view(s.shape) for s, m in pairs])
 

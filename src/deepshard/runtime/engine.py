@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -48,12 +48,15 @@ OptimizerLike = torch.optim.Optimizer | Callable[..., torch.optim.Optimizer]
 
 @dataclass(frozen=True)
 class MemoryBreakdown:
-    """Bytes of model state held by this rank."""
+    """Bytes of model state held by this rank on the device side (the accelerator, or RAM on a CPU-only
+    machine), and in ``tiers`` what offload put in host memory (``cpu``, staging ``buffers`` included)
+    and on disk (``nvme``), each with ``parameters``, ``master_weights``, ``optimizer_states``, ``buffers``."""
 
     parameters: int
     gradients: int
     master_weights: int
     optimizer_states: int
+    tiers: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -108,7 +111,7 @@ class DeepShardEngine(torch.nn.Module):
         self.zero_stage = ZeroStage.from_int(config.zero_optimization.stage)
         self.partition = build_partition(
             self.zero_stage, params, self.precision, config.zero_optimization, spec,
-            rank=comm.get_rank(self.dp_group), group=self.dp_group, module=model,
+            rank=comm.get_rank(self.dp_group), group=self.dp_group, module=model, aio=config.aio,
         )
         self.reducer = self.partition.reducer
         self.masters = self.partition.masters
@@ -117,7 +120,7 @@ class DeepShardEngine(torch.nn.Module):
         self.loss_scaler: LossScaler = loss_scaler_from_config(config)
         self.optimizer = self._configure_optimizer(optimizer, model_parameters, params)
         self.lr_scheduler = self._configure_lr_scheduler(lr_scheduler)
-        self.partition.optimizer = self.optimizer
+        self.partition.bind_optimizer(self.optimizer)
         fragments.register(list(self.masters.params), self.partition)
 
         self.training_dataloader = (
@@ -359,10 +362,8 @@ class DeepShardEngine(torch.nn.Module):
                 if ratio > 1:
                     combined = ratio * scale
             self.partition.unscale_and_clip(1.0 / combined)
-            self.masters.attach_grads(self.partition.reduced_grads())
             self.partition.begin_update()
-            self.optimizer.step()
-            self.masters.release_grads()
+            self.partition.step_optimizer(self.optimizer)
             self.partition.publish()
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step(**(lr_kwargs or {}))
@@ -411,9 +412,9 @@ class DeepShardEngine(torch.nn.Module):
         return self.loss_scaler.scale
 
     def memory_breakdown(self) -> MemoryBreakdown:
-        """Bytes this rank holds for parameters, gradients, master weights and optimizer state."""
+        """Bytes this rank holds for parameters, gradients, master weights and optimizer state, per tier."""
         state_bytes = 0
-        if self.optimizer is not None:
+        if self.optimizer is not None and self.partition.offload is None:
             for state in self.optimizer.state.values():
                 for value in state.values():
                     if isinstance(value, torch.Tensor):
@@ -421,13 +422,23 @@ class DeepShardEngine(torch.nn.Module):
         return MemoryBreakdown(
             parameters=self.partition.parameter_bytes(self.module),
             gradients=self.reducer.nbytes,
-            master_weights=self.masters.nbytes,
+            master_weights=self.masters.nbytes if self.partition.offload is None else 0,
             optimizer_states=state_bytes,
+            tiers=self.partition.tier_bytes(),
         )
 
+    def offload_stats(self) -> dict[str, int]:
+        """Bytes this rank has read from and written to the NVMe tier so far (parameters and optimizer)."""
+        spaces = [self.partition.param_swap, self.partition.offload.swap if self.partition.offload else None]
+        return {
+            "bytes_read": sum(s.bytes_read for s in spaces if s is not None),
+            "bytes_written": sum(s.bytes_written for s in spaces if s is not None),
+        }
+
     def destroy(self) -> None:
-        """Remove the engine's hooks from the module (gradient reduction, stage-3 gathers)."""
+        """Remove the engine's hooks from the module (gradient reduction, stage-3 gathers) and its swap files."""
         self.partition.remove_hooks()
+        self.partition.close()
 
     # ------------------------------------------------------------------ checkpoints (logic in deepshard.checkpoint)
     def _checkpoint_io(self) -> Any:

@@ -13,8 +13,10 @@ fills when it is built; a parameter not managed by an engine is an error that sa
 
 from __future__ import annotations
 
+import functools
 import weakref
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
@@ -24,6 +26,7 @@ from deepshard.zero.layout import ShardSpec
 
 # id(param) -> (weak param, weak partition): entries never keep an engine's state alive.
 _REGISTRY: dict[int, tuple[weakref.ref[torch.Tensor], weakref.ref[Any]]] = {}
+_T = TypeVar("_T")
 
 
 def register(params: list[torch.Tensor], partition: Any) -> None:
@@ -32,6 +35,17 @@ def register(params: list[torch.Tensor], partition: Any) -> None:
         del _REGISTRY[key]
     for p in params:
         _REGISTRY[id(p)] = (weakref.ref(p), weakref.ref(partition))
+
+
+def _resident(fn: Callable[..., _T]) -> Callable[..., _T]:
+    """Run a fragment accessor with offloaded (NVMe) masters and state read into memory, written back after."""
+
+    @functools.wraps(fn)
+    def wrapper(param: torch.Tensor, *args: Any) -> _T:
+        with _partition_of(param).resident():
+            return fn(param, *args)
+
+    return wrapper
 
 
 def _partition_of(param: torch.Tensor) -> Any:
@@ -77,12 +91,14 @@ def _local_grad(param: torch.Tensor, partition: Any) -> torch.Tensor | None:
 
 
 # ---------------------------------------------------------------- full (collective)
+@_resident
 def safe_get_full_fp32_param(param: torch.Tensor) -> torch.Tensor:
     """The whole fp32 master of ``param`` (a collective at ZeRO stages 1-3)."""
     partition = _partition_of(param)
     return _gather_rows(partition.masters.master_of(param), param.shape, partition)
 
 
+@_resident
 def safe_set_full_fp32_param(param: torch.Tensor, value: torch.Tensor) -> None:
     """Set the fp32 master of ``param`` (and the parameter itself) from a whole tensor; call on every rank."""
     partition = _partition_of(param)
@@ -112,6 +128,7 @@ def safe_set_full_grad(param: torch.Tensor, value: torch.Tensor) -> None:
             grad.copy_(_my_rows(value, param, partition))
 
 
+@_resident
 def safe_get_full_optimizer_state(param: torch.Tensor, optim_state_key: str) -> torch.Tensor | None:
     """The whole optimizer state ``optim_state_key`` (e.g. ``"exp_avg"``) of ``param``, or ``None``."""
     partition = _partition_of(param)
@@ -119,6 +136,7 @@ def safe_get_full_optimizer_state(param: torch.Tensor, optim_state_key: str) -> 
     return None if local is None else _gather_rows(local, param.shape, partition)
 
 
+@_resident
 def safe_set_full_optimizer_state(param: torch.Tensor, value: torch.Tensor, optim_state_key: str) -> None:
     """Set optimizer state ``optim_state_key`` of ``param`` from a whole tensor (same on every rank)."""
     partition = _partition_of(param)
@@ -126,11 +144,13 @@ def safe_set_full_optimizer_state(param: torch.Tensor, value: torch.Tensor, opti
 
 
 # ---------------------------------------------------------------- local (no communication)
+@_resident
 def safe_get_local_fp32_param(param: torch.Tensor) -> torch.Tensor:
     """This rank's rows of the fp32 master of ``param`` (the whole master when it is not sharded)."""
     return _partition_of(param).masters.master_of(param).detach()
 
 
+@_resident
 def safe_set_local_fp32_param(param: torch.Tensor, value: torch.Tensor) -> None:
     """Overwrite this rank's rows of the fp32 master; the parameter is refreshed (a collective when sharded)."""
     partition = _partition_of(param)
@@ -145,6 +165,7 @@ def safe_get_local_grad(param: torch.Tensor) -> torch.Tensor | None:
     return _local_grad(param, _partition_of(param))
 
 
+@_resident
 def safe_get_local_optimizer_state(param: torch.Tensor, optim_state_key: str) -> torch.Tensor | None:
     """This rank's rows of optimizer state ``optim_state_key`` (``None`` before the first step)."""
     partition = _partition_of(param)
@@ -154,6 +175,7 @@ def safe_get_local_optimizer_state(param: torch.Tensor, optim_state_key: str) ->
     return value if isinstance(value, torch.Tensor) else None
 
 
+@_resident
 def safe_set_local_optimizer_state(param: torch.Tensor, value: torch.Tensor, optim_state_key: str) -> None:
     """Overwrite this rank's rows of optimizer state ``optim_state_key``."""
     partition = _partition_of(param)

@@ -10,6 +10,7 @@ DeepSpeed. ``module.state_dict()`` holds this rank's dim-0 rows of each sharded 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
@@ -76,6 +77,11 @@ class GatheredParameters:
         partition = self.runtime.partition if self.runtime is not None else None
         if partition is not None:
             partition.begin_update()
+        with partition.resident() if partition is not None else contextlib.nullcontext():
+            self._broadcast_and_write_back(partition)
+
+    def _broadcast_and_write_back(self, partition: Any) -> None:
+        assert self.modifier_rank is not None
         if comm.is_initialized() and comm.get_world_size() > 1:
             group = partition.group if partition is not None else None
             src = dist.get_global_rank(group, self.modifier_rank) if group is not None else self.modifier_rank

@@ -53,7 +53,6 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from deepshard import comm
-from deepshard.config.errors import NotSupportedYetError
 from deepshard.zero.init_partition import FLOAT_DTYPES, InitMode, Partitioner
 
 DEFAULT_PERSISTENCE_THRESHOLD = 100_000  # DeepSpeed's stage3_param_persistence_threshold default
@@ -73,7 +72,8 @@ class Init:
             ``mpu.get_data_parallel_group()``). It must be the group ``deepshard.initialize`` uses.
         mem_efficient_linear: accepted for compatibility; stage 3 gathers linear weights itself.
         remote_device: where this rank's rows live: ``None``/``"none"`` (where the parameter was
-            created), ``"cpu"``, or the accelerator's device. ``"nvme"`` is not supported yet.
+            created), ``"cpu"``, the accelerator's device, or ``"nvme"`` (built in host memory;
+            ``initialize`` with ``offload_param.device="nvme"`` moves the rows to disk).
         pin_memory: pin host rows (on accelerators with pinned memory; a no-op on CPU).
         config_dict_or_path: a DeepSpeed config (dict, JSON path or :class:`DeepShardConfig`); only
             ``zero_optimization.stage3_param_persistence_threshold`` and ``fp16``/``bf16`` are used.
@@ -178,12 +178,10 @@ def _remote_device(value: str | torch.device | None) -> torch.device | None:
     text = str(value).lower()
     if text == "none":
         return None
-    if text == "nvme":
-        raise NotSupportedYetError(
-            "zero.Init(remote_device='nvme'): parameter offload to NVMe (ZeRO-Infinity, "
-            "zero_optimization.offload_param.device='nvme') is not supported by deepshard yet; "
-            "use remote_device=None or 'cpu'."
-        )
+    if text in ("nvme", "cpu"):
+        # 'nvme': the rows are built in host memory; initialize() with offload_param.device='nvme' then
+        # writes them to disk unit by unit
+        return torch.device("cpu")
     from deepshard.accelerator import get_accelerator
 
     accel = get_accelerator().name
@@ -192,7 +190,7 @@ def _remote_device(value: str | torch.device | None) -> torch.device | None:
     except RuntimeError:
         device = None
     if device is None or device.type not in {"cpu", accel}:
-        choices = sorted({"none", "cpu", accel, "nvme (not supported yet)"})
+        choices = sorted({"none", "cpu", accel, "nvme"})
         raise ValueError(
             f"zero.Init(remote_device={value!r}) is not a device this job can keep parameters on; "
             f"choose one of {choices} (None: where the parameters are created)."

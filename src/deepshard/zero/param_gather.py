@@ -76,7 +76,7 @@ class ParamGatherer:
     def gather(self, masters: MasterWeights) -> None:
         """Write every rank's updated masters into the whole parameters on every rank."""
         self._bind_rows()
-        own_needs_copy = masters.needs_fp32_copy
+        own_needs_copy = masters.needs_fp32_copy and not masters.published_early
         if self.world == 1:
             if own_needs_copy and self.params:
                 torch._foreach_copy_(
@@ -100,11 +100,11 @@ class ParamGatherer:
         """Cast this rank's updated masters of bucket ``b`` into ``segment`` (and its own rows)."""
         members, layout = self.buckets[b], self.layouts[b]
         dst = [layout.segment_view(segment, slot, self.rank) for slot in range(len(members))]
-        src = [m.reshape(d.shape) for m, d in zip(masters.masters_of(members), dst)]
+        src = [masters.publish_source(p).reshape(d.shape) for p, d in zip(members, dst)]
         if dst:
             torch._foreach_copy_(dst, src)
         if (
-            masters.needs_fp32_copy and dst
+            masters.needs_fp32_copy and not masters.published_early and dst
         ):  # own rows from the already-cast segment (cheaper than a second cast)
             torch._foreach_copy_(
                 self._rows[b][self.rank], [d.view(r.shape) for d, r in zip(dst, self._rows[b][self.rank])]

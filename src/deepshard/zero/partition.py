@@ -7,13 +7,15 @@ shards), and ``publish()`` (make the updated parameters whole on every rank).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from deepshard.offload.swap import SwapSpace
 from deepshard.precision import MasterWeights, PrecisionPolicy
 from deepshard.zero.grad_reduce import (
     AllReduceGradReducer,
@@ -22,6 +24,8 @@ from deepshard.zero.grad_reduce import (
     unique_trainable,
 )
 from deepshard.zero.layout import ShardSpec
+from deepshard.zero.offload_build import check_space, master_numels, optimizer_offload
+from deepshard.zero.offload_optimizer import OffloadedOptimizer
 from deepshard.zero.param_gather import ParamGatherer
 from deepshard.zero.shared_grads import SharedRowReducer, try_shared_row_reducer
 from deepshard.zero.shared_params import SharedParameters
@@ -48,6 +52,80 @@ class ZeroPartition:
     optimizer: torch.optim.Optimizer | None = None  # set by the engine once built (fragment API)
     stage3: Stage3Runtime | None = None
     shards_shared: bool = False  # stage 3 on one host: every rank's shards in one shared mapping
+    offload: OffloadedOptimizer | None = None  # masters and optimizer state on the host or NVMe
+    param_tier: str = "none"  # stage 3: where parameter shards live between uses
+    param_swap: SwapSpace | None = None  # stage 3, offload_param nvme: the shards' swap space
+    rows_fresh: bool = False  # offload: the step already wrote the updated masters into the model
+
+    # ------------------------------------------------------------------ the optimizer step
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """The engine built the optimizer over the masters (an offload tier learns its state layout)."""
+        self.optimizer = optimizer
+        if self.offload is not None and optimizer is not None:
+            self.offload.bind(optimizer)
+
+    def step_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Give the masters their reduced gradients and step them: at once, or sub-group by sub-group
+        where the state lives (offload), each sub-group's updates written into the model right away."""
+        grads = self.reduced_grads()
+        if self.offload is None:
+            self.masters.attach_grads(grads)
+            optimizer.step()
+            self.masters.release_grads()
+            return
+        self.offload.step(grads, self._publish_rows)
+        self.rows_fresh = True
+
+    def _publish_rows(self, members: list[int]) -> None:
+        if self.param_swap is None:
+            self.masters.publish_rows(members)
+            return
+        stage3 = self.stage3
+        assert stage3 is not None
+
+        def before(p: torch.Tensor) -> None:
+            g = stage3.owner.get(id(p))
+            if g is not None:
+                g.begin_publish(self._trainable_members[g.index])
+
+        def after(p: torch.Tensor) -> None:
+            g = stage3.owner.get(id(p))
+            if g is not None:
+                g.member_published(self._trainable_members[g.index])
+
+        self.masters.publish_rows(members, before, after)
+
+    @property
+    def _trainable_members(self) -> dict[int, int]:
+        assert self.stage3 is not None
+        return {g.index: sum(p.requires_grad for p in g.params) for g in self.stage3.groups}
+
+    @contextlib.contextmanager
+    def resident(self) -> Iterator[None]:
+        """Everything this rank holds as real tensors in memory (checkpoints, GatheredParameters'
+        updates): offloaded masters, optimizer state and parameter shards are read in, written back after."""
+        if self.offload is None and self.param_swap is None:
+            yield
+            return
+        groups = self.stage3.groups if self.stage3 is not None and self.param_swap is not None else []
+        for g in groups:
+            g.load_segment()
+        try:
+            with self.offload.resident() if self.offload is not None else contextlib.nullcontext():
+                yield
+        finally:
+            for g in groups:
+                g.evict_segment()
+            if self.param_swap is not None:
+                self.param_swap.flush()
+                self.param_swap.trim()
+
+    def close(self) -> None:
+        """Remove offload swap files (the engine is being torn down)."""
+        if self.offload is not None:
+            self.offload.close()
+        if self.param_swap is not None:
+            self.param_swap.close()
 
     def reduced_grads(self) -> dict[int, torch.Tensor]:
         """``id(param) -> reduced gradient``: whole (stages 0-1) or this rank's shard (stage 2)."""
@@ -96,6 +174,10 @@ class ZeroPartition:
         At stage 3 the masters go into the shards (cast when they are copies) and resident whole
         values are dropped; only parameters under the persistence threshold are made whole.
         """
+        if self.offload is not None or self.param_swap is not None:
+            if not self.rows_fresh:  # masters set outside a step (loads, fragment setters): write them now
+                self._publish_rows(list(range(len(self.masters.masters))))
+            self.rows_fresh = False
         if self.stage3 is not None:
             self.masters.copy_to_shards()
             self.stage3.release_all()
@@ -105,6 +187,8 @@ class ZeroPartition:
             self.gatherer.gather(self.masters)
         elif self.stage3 is None:
             self.masters.copy_to_model()
+        if self.param_swap is not None:
+            self.param_swap.flush()  # the next gathers read these slots
         if self.shards_shared and self.shared is None:
             dist.barrier(group=self.group)  # every rank's updated rows written before anyone gathers
 
@@ -114,12 +198,33 @@ class ZeroPartition:
             self.stage3.end_iteration()
 
     def parameter_bytes(self, module: torch.nn.Module) -> int:
-        """Bytes of parameters this rank keeps between steps (stage 3: its shards and persistent ones)."""
+        """Bytes of parameters this rank keeps between steps on the device side (stage 3: its shards,
+        unless they are offloaded, and the persistent ones)."""
         if self.stage3 is None:
             return sum(p.numel() * p.element_size() for p in module.parameters())
         sharded = {id(p) for g in self.stage3.groups for p in g.params}
         whole = sum(p.numel() * p.element_size() for p in module.parameters() if id(p) not in sharded)
-        return whole + sum(g.nbytes for g in self.stage3.groups)
+        return whole + (0 if self.param_tier != "none" else sum(g.nbytes for g in self.stage3.groups))
+
+    def tier_bytes(self) -> dict[str, dict[str, int]]:
+        """Offloaded bytes per tier: ``cpu`` (resident in host memory, staging buffers included) and
+        ``nvme`` (on disk), each with ``parameters``, ``master_weights``, ``optimizer_states``, ``buffers``."""
+        tiers = {t: dict.fromkeys(("parameters", "master_weights", "optimizer_states", "buffers"), 0) for t in ("cpu", "nvme")}
+        if self.stage3 is not None and self.param_tier != "none":
+            tiers["cpu"]["parameters"] = sum(g.resident_nbytes for g in self.stage3.groups)
+            if self.param_swap is not None:
+                tiers["nvme"]["parameters"] = sum(g.nbytes for g in self.stage3.groups)
+                tiers["cpu"]["buffers"] += self.param_swap.resident_bytes
+        if self.offload is not None:
+            masters, state = self.offload.resident_bytes()
+            tiers["cpu"]["master_weights"] = masters
+            tiers["cpu"]["optimizer_states"] = state
+            if self.offload.swap is not None:
+                on_disk_masters, on_disk_state = self.offload.stored_bytes()
+                tiers["nvme"]["master_weights"] = on_disk_masters
+                tiers["nvme"]["optimizer_states"] = on_disk_state
+                tiers["cpu"]["buffers"] += self.offload.swap.resident_bytes
+        return tiers
 
     def remove_hooks(self) -> None:
         """Detach every hook from the model (the engine is being torn down)."""
@@ -137,15 +242,17 @@ def build_partition(
     rank: int,
     group: Any = None,
     module: torch.nn.Module | None = None,
+    aio: Any = None,
 ) -> ZeroPartition:
-    """Build the reducer, masters and gatherer for ``stage`` over ``params`` on this rank."""
+    """Build the reducer, masters and gatherer for ``stage`` over ``params`` on this rank (``aio``:
+    the config's ``aio`` section, for the NVMe tier)."""
     world = spec.world_size
     if stage.shard_parameters:
         if module is None:
             raise ValueError("ZeRO stage 3 needs the model (module=) to choose its units")
         from deepshard.zero.stage3_build import build_stage3
 
-        return build_stage3(stage, module, policy, zero_cfg, spec, rank, group)
+        return build_stage3(stage, module, policy, zero_cfg, spec, rank, group, aio)
     trainable = unique_trainable(params)
     bucket = int(zero_cfg.reduce_bucket_size)
     if stage.stage == 0 and "reduce_bucket_size" not in zero_cfg.model_fields_set:
@@ -174,10 +281,28 @@ def build_partition(
         if stage.shard_optimizer and not stage.shard_parameters and world > 1
         else None
     )
-    masters = MasterWeights(trainable, needs_fp32_copy=policy.needs_master, row_range=row_range)
+    numels = master_numels(trainable, rank, world, sharded=row_range is not None)
+    check_space(zero_cfg, 0, sum(numels))
+    offload = optimizer_offload(zero_cfg, aio, numels)
+    masters = MasterWeights(
+        trainable,
+        needs_fp32_copy=policy.needs_master or offload is not None,
+        row_range=row_range,
+        **offload_master_args(zero_cfg, offload),
+    )
+    if offload is not None:
+        offload.attach(masters)
     gatherer = (
         ParamGatherer(trainable, rank, world, int(zero_cfg.allgather_bucket_size), group)
         if stage.shard_optimizer and shared is None
         else None
     )
-    return ZeroPartition(stage, rank, world, group, reducer, masters, gatherer, shared)
+    return ZeroPartition(stage, rank, world, group, reducer, masters, gatherer, shared, offload=offload)
+
+
+def offload_master_args(zero_cfg: Any, offload: OffloadedOptimizer | None) -> dict[str, Any]:
+    """``MasterWeights`` arguments for an offloaded optimizer: masters on the host, streamed to the tier."""
+    if offload is None:
+        return {}
+    section = zero_cfg.offload_optimizer
+    return {"device": torch.device("cpu"), "pin_memory": bool(section.pin_memory), "sink": offload.sink}

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from deepshard import comm
+from deepshard.offload.swap import PendingRead, SwapSpace
 from deepshard.precision.master import as_rows
 from deepshard.zero.layout import BucketLayout
 from deepshard.zero.watchdog import CollectiveDivergedError, wait_collective
@@ -52,10 +53,16 @@ class ShardGroup:
         local_rows: Callable[[torch.nn.Parameter], torch.Tensor | None] | None = None,
         check_group: Any = None,
         shared: torch.Tensor | None = None,
+        segment_device: torch.device | None = None,
+        swap: SwapSpace | None = None,
     ) -> None:
         """``local_rows(p)`` may return this rank's rows of ``p`` when ``p`` holds no whole value
         (built by :class:`deepshard.zero.Init`); otherwise the rows are sliced from ``p``. ``shared``:
-        the group's rank-major buffer in host shared memory (``layout.full_numel`` elements)."""
+        the group's rank-major buffer in host shared memory (``layout.full_numel`` elements).
+
+        Parameter offload: ``segment_device`` keeps the segment on the host (page-locked beside an
+        accelerator); ``swap`` puts it on the NVMe tier, where it lives between uses (see
+        :meth:`evict_segment`): a gather then first reads it, in the background from the prefetch."""
         self.name = name
         self.index = index
         self.params = list(params)
@@ -76,9 +83,22 @@ class ShardGroup:
         seg = self.layout.segment_numel
         # this rank's shards of every member, back to back (its row of the shared buffer on one host)
         self.shared = shared
+        on = segment_device or self.device
+        pin = on.type == "cpu" and self.device.type != "cpu" and swap is None and torch.cuda.is_available()
         self.segment = (
-            shared.view(world, seg)[rank] if shared is not None else torch.zeros(seg, dtype=self.dtype, device=self.device)
+            shared.view(world, seg)[rank]
+            if shared is not None
+            else torch.zeros(seg, dtype=self.dtype, device=on, pin_memory=pin)
         )
+        self.swap = swap
+        self._key = f"unit{index}.{name}"
+        self._seg_bytes = seg * self.segment.element_size()
+        self._read: PendingRead | None = None
+        self.segment_resident = True
+        self._left_to_publish = 0
+        self.keep_in_memory = False  # offload_param.max_in_cpu: this unit's segment stays in host memory
+        if swap is not None:
+            swap.slot(self._key, self._seg_bytes)
         self.shards = [self.layout.segment_view(self.segment, i, rank) for i in range(len(self.params))]
         self._slot = {id(p): i for i, p in enumerate(self.params)}
         with torch.no_grad():
@@ -123,8 +143,54 @@ class ShardGroup:
         self.release()
 
     def shard_of(self, param: torch.Tensor) -> torch.Tensor:
-        """This rank's rows of member ``param``."""
+        """This rank's rows of member ``param`` (read from the NVMe tier first if the segment lives there)."""
+        self.load_segment()
         return self.shards[self._slot[id(param)]]
+
+    # ------------------------------------------------------------------ the segment's tier (offload)
+    def _staged(self, buffer: torch.Tensor) -> torch.Tensor:
+        return buffer[: self._seg_bytes].view(self.dtype)
+
+    @torch.no_grad()
+    def load_segment(self) -> None:
+        """Make the segment resident (a blocking read from the NVMe tier); no-op when it is."""
+        if self.swap is None or self.segment_resident:
+            return
+        self.segment.untyped_storage().resize_(self._seg_bytes)
+        buffer = self.swap.read([(self._key, self._seg_bytes)]).wait()
+        self.segment.copy_(self._staged(buffer))
+        self.swap.give(buffer)
+        self.segment_resident = True
+
+    @torch.no_grad()
+    def evict_segment(self) -> None:
+        """Write the segment to the NVMe tier (in the background) and free its memory; no-op without one."""
+        if self.swap is None or not self.segment_resident or self.keep_in_memory:
+            return
+        buffer = self.swap.take(self._seg_bytes)
+        self._staged(buffer).copy_(self.segment)
+        self.swap.write([(self._key, self._seg_bytes)], buffer)
+        self.segment.untyped_storage().resize_(0)
+        self.segment_resident = False
+
+    def begin_publish(self, trainable_members: int) -> None:
+        """Before updated masters are written into the shards: make the segment writable. When every
+        member is rewritten (all trainable) its old bytes are not needed, so nothing is read."""
+        if self.swap is None or self.segment_resident:
+            return
+        if trainable_members == len(self.params):
+            self.segment.untyped_storage().resize_(self._seg_bytes)
+            self.segment_resident = True
+        else:
+            self.load_segment()
+
+    def member_published(self, trainable_members: int) -> None:
+        """One member's shard was written; after the last, the segment goes back to its tier."""
+        if self.swap is None:
+            return
+        self._left_to_publish = (self._left_to_publish or trainable_members) - 1
+        if self._left_to_publish == 0:
+            self.evict_segment()
 
     # ------------------------------------------------------------------ state
     @property
@@ -136,6 +202,11 @@ class ShardGroup:
     def gather_numel(self) -> int:
         """Elements of the rank-major buffer one gather needs."""
         return self.layout.full_numel
+
+    @property
+    def reading(self) -> bool:
+        """Whether a read of the segment from the NVMe tier is in flight (its gather not finished)."""
+        return self._read is not None
 
     def holds_values(self) -> bool:
         """Whether the whole values are resident (measured on the storage, not on the state flag)."""
@@ -176,9 +247,14 @@ class ShardGroup:
             return
         assert buffer is not None, "a gather without shared memory needs a buffer"
         self._check_peers(what)
-        mine = buffer.view(self.world, self.layout.segment_numel)[self.rank]
-        mine.copy_(self.segment)
         self._buffer, self._release_buffer = buffer, release_buffer
+        if self.swap is not None and not self.segment_resident:
+            # read the segment from NVMe in the background; the all-gather follows in finish_gather
+            self._read = self.swap.read([(self._key, self._seg_bytes)])
+            self._work = _Done()
+            return
+        mine = buffer.view(self.world, self.layout.segment_numel)[self.rank]
+        mine.copy_(self.segment, non_blocking=True)
         self._work = comm.all_gather_into_tensor(buffer, mine, group=self.group, async_op=True)
         if self._work is None:  # not distributed: nothing in flight
             self._work = _Done()
@@ -190,6 +266,14 @@ class ShardGroup:
             return
         assert self._work is not None and self._buffer is not None, "finish_gather() without start_gather()"
         buffer, work = self._buffer, self._work
+        if self._read is not None:
+            staged = self._read.wait()
+            self._read = None
+            mine = buffer.view(self.world, self.layout.segment_numel)[self.rank]
+            mine.copy_(self._staged(staged))
+            assert self.swap is not None
+            self.swap.give(staged)
+            work = comm.all_gather_into_tensor(buffer, mine, group=self.group, async_op=True) or _Done()
         wait_collective(work, f"all-gather of ZeRO-3 unit '{self.name}' ({what})", self.rank)
         self._work = None
         self.full.untyped_storage().resize_(self._full_bytes)
@@ -228,10 +312,19 @@ class ShardGroup:
         """Copy this rank's rows of the current whole values into its shards (after an in-place edit)."""
         if not self.unsharded:
             return
+        was_resident = self.segment_resident
+        self.load_segment()
         for i, (view, shard) in enumerate(zip(self.views, self.shards)):
             start, end = self.layout.specs[i].row_range(self.rank)
             if end > start:
                 shard.copy_(as_rows(view)[start:end].reshape(shard.shape))
+        if not was_resident:
+            self.evict_segment()
+
+    @property
+    def resident_nbytes(self) -> int:
+        """Bytes of the segment in memory now (0 while it lives on the NVMe tier)."""
+        return int(self.segment.untyped_storage().nbytes()) if self.shared is None else self.nbytes
 
     @property
     def nbytes(self) -> int:

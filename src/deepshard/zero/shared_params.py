@@ -83,7 +83,7 @@ class SharedParameters:
     @torch.no_grad()
     def finish_update(self, masters: MasterWeights) -> None:
         """Write this rank's fp32 masters into its rows when they are copies, then make all rows visible."""
-        if masters.needs_fp32_copy:
+        if masters.needs_fp32_copy and not masters.published_early:
             ranges = [masters.range_of(p) for p in self.params]
             rows = [as_rows(p.data)[r[0] : r[1]] if r is not None else p.data for p, r in zip(self.params, ranges)]
             pairs = [

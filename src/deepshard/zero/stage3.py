@@ -176,6 +176,14 @@ class Stage3Runtime:
 
     # ------------------------------------------------------------------ gather / release
     def _launch(self, group: ShardGroup, what: str) -> None:
+        swap = group.swap
+        if swap is not None and not group.segment_resident:
+            # NVMe shards: every staging buffer may hold a prefetched read; land the oldest to free one
+            while not swap.can_take():
+                reading = [g for g in self.groups if g.reading]
+                if not reading:
+                    break
+                reading[0].finish_gather(what)
         self.gathers += 1
         group.start_gather(None if group.shared is not None else self._take(group), self._give, what)
 
@@ -235,6 +243,8 @@ class Stage3Runtime:
                 return
             if live + g.numel > self.max_live:
                 return
+            if g.swap is not None and not g.segment_resident and not g.swap.can_take():
+                return  # every NVMe staging buffer is busy: prefetch no further
             self._launch(g, f"prefetch after {what}")
             ahead += g.numel
             live += g.numel

@@ -21,8 +21,9 @@ from deepshard import comm
 from deepshard.comm.host_shm import align_up, release_freed_heap, shared_storage
 from deepshard.zero.grad_reduce import ReduceScatterGradReducer, ReduceSpec
 from deepshard.zero.layout import BucketLayout, ShardSpec
+from deepshard.zero.offload_build import check_space, master_numels, optimizer_offload, param_swap, tier_of
 from deepshard.zero.param_gather import ParamGatherer
-from deepshard.zero.partition import ZeroPartition
+from deepshard.zero.partition import ZeroPartition, offload_master_args
 from deepshard.zero.shard_group import LOCAL_ROWS, ShardGroup
 from deepshard.zero.shared_params import SharedParameters
 from deepshard.zero.stage import ZeroStage
@@ -64,6 +65,7 @@ def build_stage3(
     spec: ReduceSpec,
     rank: int,
     group: Any = None,
+    aio: Any = None,
 ) -> ZeroPartition:
     """The stage-3 partition of ``module`` on this rank (collective)."""
     world = spec.world_size
@@ -87,9 +89,19 @@ def build_stage3(
                 sharded.append(p)
         members.append(sharded)
         unit_trainable.append([p for p in params if p.requires_grad])
-    buffers = _shared_buffers(members, world, group)
+    param_tier = tier_of(zero_cfg.offload_param)
+    segment_numels = [BucketLayout([p.shape for p in ps], world).segment_numel for ps in members if ps]
+    segment_bytes = [n * members_element_size(members) for n in segment_numels]
+    persistent_rows = master_numels([p for p in persistent if p.requires_grad], rank, world, sharded=True)
+    check_space(zero_cfg, sum(segment_bytes), sum(segment_numels) + sum(persistent_rows))
+    swap = param_swap(zero_cfg, aio, segment_bytes)
+    # NVMe-offloaded shards must leave memory, so they are not placed in the host's shared mapping
+    buffers = _shared_buffers(members, world, group) if param_tier != "nvme" else [None] * len(members)
+    segment_device = torch.device("cpu") if param_tier != "none" else None
     groups: list[ShardGroup | None] = [
-        ShardGroup(name, index, sharded, rank, world, ag_group, _local_rows, check_group, buffers[index])
+        ShardGroup(
+            name, index, sharded, rank, world, ag_group, _local_rows, check_group, buffers[index], segment_device, swap
+        )
         if sharded
         else None
         for index, ((name, _), sharded) in enumerate(zip(plan.modules, members))
@@ -119,12 +131,35 @@ def build_stage3(
     masters_param_order = [p for p in trainable]
     from deepshard.precision import MasterWeights
 
+    offload = optimizer_offload(
+        zero_cfg, aio, master_numels(masters_param_order, rank, world, sharded=True, shards=shards)
+    )
+    # offloaded shards cannot be the fp32 masters (they leave memory): masters are copies then, on the
+    # model's device unless the optimizer is offloaded too
+    master_args = offload_master_args(zero_cfg, offload)
+    if param_tier != "none" and offload is None and masters_param_order:
+        master_args = {"device": masters_param_order[0].device}
     masters = MasterWeights(
         masters_param_order,
-        needs_fp32_copy=policy.needs_master,
+        needs_fp32_copy=policy.needs_master or offload is not None or param_tier != "none",
         row_range=lambda p: ShardSpec(p.shape, world).row_range(rank),
         shards=shards,
+        **master_args,
     )
+    if offload is not None:
+        offload.attach(masters)
+    masters.published_early = masters.published_early or swap is not None  # shards written via their tier
+    in_cpu = int(zero_cfg.offload_param.max_in_cpu) if swap is not None else 0
+    for g in groups:
+        if g is not None:
+            # NVMe parameter offload: the shards live on disk from now on, except the first units up to
+            # offload_param.max_in_cpu elements, which stay in host memory
+            g.keep_in_memory = g.layout.segment_numel <= in_cpu
+            in_cpu -= g.layout.segment_numel if g.keep_in_memory else 0
+            g.evict_segment()
+    if swap is not None:
+        swap.flush()
+        swap.trim()
     gatherer = (
         ParamGatherer(persistent_trainable, rank, world, int(zero_cfg.allgather_bucket_size), group)
         if shared is None and persistent_trainable
@@ -142,7 +177,8 @@ def build_stage3(
     )
     release_freed_heap()  # the whole parameters just dropped
     partition = ZeroPartition(
-        stage, rank, world, group, reducer, masters, gatherer, shared, stage3=runtime, shards_shared=shards_shared
+        stage, rank, world, group, reducer, masters, gatherer, shared, stage3=runtime, shards_shared=shards_shared,
+        offload=offload, param_tier=param_tier, param_swap=swap,
     )
     runtime.partition = partition
     return partition
@@ -171,6 +207,11 @@ def _shared_buffers(
         out.append(storage[offset : offset + nbytes].view(ps[0].dtype))
         offset += size
     return out
+
+
+def members_element_size(members: list[list[torch.nn.Parameter]]) -> int:
+    """Bytes per element of the sharded parameters (one dtype per model)."""
+    return next((ps[0].element_size() for ps in members if ps), 2)
 
 
 def _local_rows(p: torch.nn.Parameter) -> torch.Tensor | None:
