@@ -78,15 +78,20 @@ class SwapSpace:
         queue_depth: int = 8,
         thread_count: int = 1,
         what: str = "offload",
+        engine: AsyncIO | None = None,
     ) -> None:
+        """``engine``: an IO engine to share with another swap space (one queue for the whole disk: reads
+        and writes then reach it in order instead of interleaving, which costs bandwidth on most devices)."""
         if buffer_count < 1:
             raise ValueError(f"the NVMe tier of {what} needs at least one staging buffer, got buffer_count={buffer_count}")
         self.what = what
-        self.engine = AsyncIO(block_size=block_size, queue_depth=queue_depth, thread_count=thread_count)
+        self._own_engine = engine is None
+        self.engine = engine or AsyncIO(block_size=block_size, queue_depth=queue_depth, thread_count=thread_count)
         try:
             self.files = SwapFiles(nvme_path, needed_bytes, engine=self.engine, direct=True, sync=True)
         except Exception:
-            self.engine.close()
+            if self._own_engine:
+                self.engine.close()
             raise
         self.buffer_bytes = align_up(max(buffer_bytes, 1))
         self.buffer_count = buffer_count
@@ -203,4 +208,5 @@ class SwapSpace:
             self.flush()
         finally:
             self.files.close()
-            self.engine.close()
+            if self._own_engine:
+                self.engine.close()

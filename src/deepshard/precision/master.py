@@ -106,14 +106,21 @@ class MasterWeights:
                     "model.parameters() (or pass model_parameters=) so deepshard can map it to its master copy."
                 ) from None
 
-    def attach_grads(self, grads: Mapping[int, torch.Tensor], indices: Sequence[int] | None = None) -> None:
+    def attach_grads(
+        self,
+        grads: Mapping[int, torch.Tensor],
+        indices: Sequence[int] | None = None,
+        out: torch.Tensor | None = None,
+    ) -> None:
         """Give each master (or those at ``indices``) its gradient from ``grads[id(param)]``: whole or
-        shard, viewed or cast to fp32 on the master's device.
+        shard, viewed or cast to fp32 on the master's device (into consecutive views of the flat fp32
+        ``out`` when given, so that a reused buffer replaces fresh allocations).
 
         A whole gradient is sliced to this rank's rows; one already shaped like the master is its shard.
         """
         if self.identity:
             return
+        offset = 0
         for i in range(len(self.params)) if indices is None else indices:
             p, m, rows = self.params[i], self.masters[i], self.ranges[i]
             grad = grads.get(id(p))
@@ -122,7 +129,13 @@ class MasterWeights:
                 continue
             if rows is not None and grad.shape != m.shape:
                 grad = as_rows(grad)[rows[0] : rows[1]]
-            m.grad = grad.to(device=m.device, dtype=torch.float32).view(m.shape)
+            if out is not None and (grad.dtype != torch.float32 or grad.device != m.device):
+                view = out[offset : offset + m.numel()].view(m.shape)
+                offset += m.numel()
+                view.copy_(grad.view(m.shape))
+                m.grad = view
+            else:
+                m.grad = grad.to(device=m.device, dtype=torch.float32).view(m.shape)
 
     def release_grads(self, indices: Sequence[int] | None = None) -> None:
         """Drop master gradients (views stay valid in their buffers; fp32 cast copies are freed)."""

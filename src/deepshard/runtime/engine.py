@@ -430,9 +430,10 @@ class DeepShardEngine(torch.nn.Module):
     def offload_stats(self) -> dict[str, int]:
         """Bytes this rank has read from and written to the NVMe tier so far (parameters and optimizer)."""
         spaces = [self.partition.param_swap, self.partition.offload.swap if self.partition.offload else None]
+        engines = {id(s.engine): s.engine for s in spaces if s is not None}  # the tiers may share one
         return {
-            "bytes_read": sum(s.bytes_read for s in spaces if s is not None),
-            "bytes_written": sum(s.bytes_written for s in spaces if s is not None),
+            "bytes_read": sum(e.bytes_read for e in engines.values()),
+            "bytes_written": sum(e.bytes_written for e in engines.values()),
         }
 
     def destroy(self) -> None:

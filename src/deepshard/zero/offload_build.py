@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from deepshard.offload.aio import check_nvme_path
+from deepshard.offload.aio import AsyncIO, check_nvme_path
 from deepshard.offload.swap import SwapSpace
 from deepshard.precision.master import as_rows
 from deepshard.zero.layout import ShardSpec
@@ -63,7 +63,7 @@ def check_space(zero_cfg: Any, param_bytes: int, master_numel: int) -> None:
         check_nvme_path(path, nbytes, what=f"offload of {what} on this rank")
 
 
-def _aio_kwargs(aio: Any) -> dict[str, int]:
+def _aio_kwargs(aio: Any) -> dict[str, Any]:
     if aio is None:
         return {}
     return {
@@ -73,8 +73,11 @@ def _aio_kwargs(aio: Any) -> dict[str, int]:
     }
 
 
-def optimizer_offload(zero_cfg: Any, aio: Any, numels: Sequence[int]) -> OffloadedOptimizer | None:
-    """The optimizer's offload tier for masters of ``numels`` elements, or ``None`` without offload."""
+def optimizer_offload(
+    zero_cfg: Any, aio: Any, numels: Sequence[int], engine: AsyncIO | None = None
+) -> OffloadedOptimizer | None:
+    """The optimizer's offload tier for masters of ``numels`` elements, or ``None`` without offload
+    (``engine``: the parameters' IO engine, shared so that the disk sees one queue)."""
     section = zero_cfg.offload_optimizer
     tier = tier_of(section)
     if tier == "none":
@@ -90,6 +93,7 @@ def optimizer_offload(zero_cfg: Any, aio: Any, numels: Sequence[int]) -> Offload
             OffloadedOptimizer.buffer_bytes(numels, size, ADAM_STATES),
             count,
             what="optimizer offload",
+            engine=engine,
             **_aio_kwargs(aio),
         )
     return OffloadedOptimizer(

@@ -127,6 +127,7 @@ class OffloadedOptimizer:
         self.state_keys: list[str] = []
         self.optimizer: torch.optim.Optimizer | None = None
         self._masters: MasterWeights | None = None
+        self._grads: torch.Tensor | None = None
         self.steps = 0
         if swap is not None:
             for sg in self.sub_groups:
@@ -291,7 +292,7 @@ class OffloadedOptimizer:
                     reads.setdefault(nxt.index, self._read(nxt))
                 buffer = reads.pop(sg.index).wait()
                 self._install(sg, buffer, with_state=sg.has_state)
-            self.masters.attach_grads(grads, sg.members)
+            self.masters.attach_grads(grads, sg.members, out=self._grad_buffer(sg))
             optimizer.step()
             self.masters.release_grads(sg.members)
             publish(sg.members)
@@ -302,6 +303,13 @@ class OffloadedOptimizer:
         if self.swap is not None:
             self.swap.flush()  # the next step reads these slots again
         self.steps += 1
+
+    def _grad_buffer(self, sg: SubGroup) -> torch.Tensor:
+        """One fp32 buffer, reused by every sub-group, for gradients cast to fp32 on the host."""
+        if self._grads is None:
+            device = self.masters.masters[0].device if self.masters.masters else torch.device("cpu")
+            self._grads = torch.empty(max(g.numel for g in self.sub_groups), dtype=torch.float32, device=device)
+        return self._grads[: sg.numel]
 
     @contextlib.contextmanager
     def resident(self) -> Iterator[None]:

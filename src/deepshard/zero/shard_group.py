@@ -26,6 +26,7 @@ rows into the full buffer, with no collective at all (and so nothing for divergi
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ from deepshard.zero.layout import BucketLayout
 from deepshard.zero.watchdog import CollectiveDivergedError, wait_collective
 
 LOCAL_ROWS = "_deepshard_local_rows"  # attribute: this rank's rows of a parameter built by zero.Init
+_UNPACK = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepshard-unpack")  # NVMe reads -> full storage
 
 
 class ShardGroup:
@@ -94,6 +96,7 @@ class ShardGroup:
         self._key = f"unit{index}.{name}"
         self._seg_bytes = seg * self.segment.element_size()
         self._read: PendingRead | None = None
+        self._unpacked: Future[torch.Tensor] | None = None
         self.segment_resident = True
         self._left_to_publish = 0
         self.keep_in_memory = False  # offload_param.max_in_cpu: this unit's segment stays in host memory
@@ -148,6 +151,17 @@ class ShardGroup:
         return self.shards[self._slot[id(param)]]
 
     # ------------------------------------------------------------------ the segment's tier (offload)
+    @torch.no_grad()
+    def _unpack_staged(self, pending: PendingRead) -> torch.Tensor:
+        """(Worker thread, one rank) wait for the segment's read and copy it into the full storage."""
+        staged = pending.wait()
+        src = self._staged(staged)
+        if self._copies:
+            torch._foreach_copy_(
+                [self.full[d : d + n] for d, _, n in self._copies], [src[s : s + n] for _, s, n in self._copies]
+            )
+        return staged
+
     def _staged(self, buffer: torch.Tensor) -> torch.Tensor:
         return buffer[: self._seg_bytes].view(self.dtype)
 
@@ -252,6 +266,11 @@ class ShardGroup:
             # read the segment from NVMe in the background; the all-gather follows in finish_gather
             self._read = self.swap.read([(self._key, self._seg_bytes)])
             self._work = _Done()
+            if self.world == 1:
+                # one rank: the segment is the whole buffer; unpack it into the full storage off the
+                # main thread as soon as it arrives (the copy and the first touch of the pages overlap)
+                self.full.untyped_storage().resize_(self._full_bytes)
+                self._unpacked = _UNPACK.submit(self._unpack_staged, self._read)
             return
         mine = buffer.view(self.world, self.layout.segment_numel)[self.rank]
         mine.copy_(self.segment, non_blocking=True)
@@ -266,14 +285,34 @@ class ShardGroup:
             return
         assert self._work is not None and self._buffer is not None, "finish_gather() without start_gather()"
         buffer, work = self._buffer, self._work
+        staged: torch.Tensor | None = None
+        if self._unpacked is not None:  # one rank, read from NVMe: already unpacked into the full storage
+            staged = self._unpacked.result()
+            self._unpacked = self._read = None
+            assert self.swap is not None
+            self.swap.give(staged)
+            if self._release_buffer is not None:
+                self._release_buffer(buffer)
+            self._work = self._buffer = self._release_buffer = None
+            for p, view in zip(self.params, self.views):
+                p.data = view
+            self.unsharded = True
+            return
         if self._read is not None:
             staged = self._read.wait()
             self._read = None
-            mine = buffer.view(self.world, self.layout.segment_numel)[self.rank]
-            mine.copy_(self._staged(staged))
-            assert self.swap is not None
-            self.swap.give(staged)
-            work = comm.all_gather_into_tensor(buffer, mine, group=self.group, async_op=True) or _Done()
+            if self.world == 1:  # the segment is the whole rank-major buffer: unpack from the staging buffer
+                if self._release_buffer is not None:
+                    self._release_buffer(buffer)
+                self._release_buffer = None
+                buffer = self._staged(staged)
+            else:
+                mine = buffer.view(self.world, self.layout.segment_numel)[self.rank]
+                mine.copy_(self._staged(staged))
+                assert self.swap is not None
+                self.swap.give(staged)
+                staged = None
+                work = comm.all_gather_into_tensor(buffer, mine, group=self.group, async_op=True) or _Done()
         wait_collective(work, f"all-gather of ZeRO-3 unit '{self.name}' ({what})", self.rank)
         self._work = None
         self.full.untyped_storage().resize_(self._full_bytes)
@@ -284,6 +323,9 @@ class ShardGroup:
             )
         if self._release_buffer is not None:
             self._release_buffer(buffer)
+        if staged is not None:
+            assert self.swap is not None
+            self.swap.give(staged)
         self._buffer = self._release_buffer = None
         for p, view in zip(self.params, self.views):
             p.data = view

@@ -132,7 +132,10 @@ def build_stage3(
     from deepshard.precision import MasterWeights
 
     offload = optimizer_offload(
-        zero_cfg, aio, master_numels(masters_param_order, rank, world, sharded=True, shards=shards)
+        zero_cfg,
+        aio,
+        master_numels(masters_param_order, rank, world, sharded=True, shards=shards),
+        engine=swap.engine if swap is not None else None,
     )
     # offloaded shards cannot be the fp32 masters (they leave memory): masters are copies then, on the
     # model's device unless the optimizer is offloaded too
