@@ -20,8 +20,12 @@ the peak RSS of the sharding contenders includes one full fp32 copy of the model
 
 After ``--warmup`` untimed steps, ``--steps`` steps are timed between two barriers. Rank 0 writes one
 JSON file with the global tokens/s, per-phase times (forward / backward incl. gradient reduction /
-optimizer step, each rank's own clock) and, per rank, its pid (so the driver can map its outside RSS
-samples to ranks) and its ``ru_maxrss``.
+optimizer step, each rank's own clock), the ds_config in force (deepshard and DeepSpeed) and, per
+rank, its pid (so the driver can map its outside RSS samples to ranks) and its ``ru_maxrss``.
+
+``--print-config`` starts no process group and trains nothing: it prints the merged ds_config that
+``--impl`` would get (``null`` for DDP / FSDP2) and, for deepshard, whether
+``deepshard.config.load_config`` accepts it, as one JSON line (``bench_dp.py --dry-run`` uses it).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import json
 import os
 import resource
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -95,6 +100,12 @@ class _Engine(_Contender):
         out: dict[str, Any] = {"optimizer": type(getattr(self.engine, "optimizer", None)).__name__}
         with contextlib.suppress(Exception):
             out["zero_stage"] = self.engine.zero_optimization_stage()
+        basic = getattr(self.engine, "basic_optimizer", None)  # DeepSpeed: e.g. DeepSpeedCPUAdam with offload
+        if basic is not None:
+            out["basic_optimizer"] = type(basic).__name__
+        builder = sys.modules.get("deepspeed.ops.op_builder.builder")
+        if builder is not None:  # the DeepSpeed ops this rank loaded (JIT-built on first use ever)
+            out["deepspeed_ops_loaded"] = sorted(getattr(builder.OpBuilder, "_loaded_ops", {}))
         return out
 
 
@@ -157,6 +168,28 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def engine_config(
+    impl: str, dtype: str, micro_batch: int, world: int, extra: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The ds_config ``impl`` is built with: the shared one merged with ``extra``; None for DDP / FSDP2."""
+    if impl not in ("deepshard", "deepspeed"):
+        return None
+    return _merge(ds_config(dtype, micro_batch, world), extra or {})
+
+
+def check_config(impl: str, config: dict[str, Any] | None, world: int) -> dict[str, Any]:
+    """For deepshard: whether its config loader accepts ``config`` (no engine is built)."""
+    if impl != "deepshard" or config is None:
+        return {}
+    from deepshard.config import load_config
+
+    try:
+        load_config(config, dp_world_size=world)
+    except Exception as err:  # noqa: BLE001 - reported, not handled
+        return {"deepshard_load_config": f"{type(err).__name__}: {err}"}
+    return {"deepshard_load_config": "ok"}
+
+
 def build(
     impl: str,
     dtype: str,
@@ -165,7 +198,7 @@ def build(
     world: int,
     extra: dict[str, Any] | None = None,
 ) -> _Contender:
-    config = _merge(ds_config(dtype, micro_batch, world), extra or {})
+    config = engine_config(impl, dtype, micro_batch, world, extra)
     if impl == "deepshard":
         import deepshard
 
@@ -195,13 +228,32 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
-    parser.add_argument("--out", required=True, help="JSON file that rank 0 writes")
+    parser.add_argument(
+        "--out", default=None, help="JSON file that rank 0 writes (required unless --print-config)"
+    )
     parser.add_argument(
         "--extra-config",
         default="{}",
         help="JSON merged into the ds_config of deepshard and DeepSpeed (not DDP or FSDP2)",
     )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the ds_config --impl would get (and whether deepshard accepts it) and exit",
+    )
+    parser.add_argument(
+        "--world", type=int, default=2, help="with --print-config: the data-parallel world size"
+    )
     args = parser.parse_args()
+    extra = json.loads(args.extra_config)
+    if args.print_config:
+        config = engine_config(args.impl, args.dtype, args.micro_batch, args.world, extra)
+        report = {"impl": args.impl, "dtype": args.dtype, "ds_config": config}
+        report.update(check_config(args.impl, config, args.world))
+        print(json.dumps(report))
+        return
+    if args.out is None:
+        parser.error("--out is required (unless --print-config)")
 
     if args.impl == "deepspeed":
         import deepspeed
@@ -214,7 +266,7 @@ def main() -> None:
     cfg = PRESETS[args.preset]
     torch.manual_seed(0)
     model = GPT(cfg)
-    contender = build(args.impl, args.dtype, model, args.micro_batch, world, json.loads(args.extra_config))
+    contender = build(args.impl, args.dtype, model, args.micro_batch, world, extra)
     batches = [
         rank_slice(b, rank, world)
         for b in make_token_batches(
@@ -266,6 +318,7 @@ def main() -> None:
             "elapsed_s": elapsed,
             "tokens_per_s": tokens / elapsed,
             "contender": contender.describe(),
+            "ds_config": engine_config(args.impl, args.dtype, args.micro_batch, world, extra),
             "first_loss": losses[0],
             "last_loss": losses[-1],
             "ranks": gathered,
