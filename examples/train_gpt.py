@@ -85,8 +85,10 @@ def main() -> None:
 
     # memory per rank, gathered to rank 0
     mem = engine.memory_breakdown()
+    offloaded = sum(sum(tier.values()) for tier in mem.tiers.values())  # host RAM + NVMe (offload configs)
     row = torch.tensor(
-        [mem.parameters, mem.gradients, mem.master_weights, mem.optimizer_states, peak_rss_bytes()], dtype=torch.float64
+        [mem.parameters, mem.gradients, mem.master_weights, mem.optimizer_states, offloaded, peak_rss_bytes()],
+        dtype=torch.float64,
     )
     rows = [torch.zeros_like(row) for _ in range(world)]
     deepshard.comm.all_gather(rows, row)
@@ -94,7 +96,7 @@ def main() -> None:
     if rank == 0:
         mib = 2**20
         print(f"\nmodel: {num_parameters(model):,} parameters | world {world} | ZeRO stage {engine.zero_optimization_stage()}")
-        print(f"{'rank':>4} {'params':>10} {'grads':>10} {'master':>10} {'optim':>10} {'peak RSS':>10}  (MiB)")
+        print(f"{'rank':>4} {'params':>10} {'grads':>10} {'master':>10} {'optim':>10} {'offloaded':>10} {'peak RSS':>10}  (MiB)")
         for r, vals in enumerate(rows):
             print(f"{r:>4} " + " ".join(f"{v / mib:>10.1f}" for v in vals.tolist()))
         print(
