@@ -111,6 +111,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -190,6 +191,12 @@ def parse_args() -> argparse.Namespace:
     if args.deepspeed_config is None:
         args.deepspeed_config = os.path.join(HERE, "configs", "zero3_nvme.json")
     return args
+
+
+def forever(loader: Any) -> Iterator[Any]:
+    """The loader's batches, epoch after epoch (the synthetic dataset is small and repeated)."""
+    while True:
+        yield from loader
 
 
 # ---------------------------------------------------------------------- model and config
@@ -519,17 +526,13 @@ def compute_only(args: argparse.Namespace) -> None:
     print(f"built in bf16 in {build_s:.1f}s: RSS {gb(rss_built)} (the bf16 parameters are {gb(2 * psi)})")
     dataset = RandomTokenDataset(shape.vocab_size, shape.seq_len, size=args.samples, seed=args.seed)
     loader = DeepShardDataLoader(dataset, batch_size=args.micro_batch, rank=0, world_size=1)
-    batches = iter(loader)
+    batches = forever(loader)
     records: list[dict[str, Any]] = []
     for step in range(args.steps + 1):  # step 0: warm-up (allocates the gradients), not counted
         fwd = bwd = 0.0
         losses = []
         for _ in range(accum):
-            try:
-                x, y = next(batches)
-            except StopIteration:
-                batches = iter(loader)
-                x, y = next(batches)
+            x, y = next(batches)
             t = time.perf_counter()
             loss = model(x, y)
             fwd += time.perf_counter() - t
@@ -757,7 +760,7 @@ def main() -> None:
 
     # -- train
     records: list[dict[str, Any]] = []
-    batches = iter(loader)
+    batches = forever(loader)
     peak_psutil = psutil.Process().memory_info().rss
     bar = tqdm(
         total=args.steps, disable=rank != 0, desc=f"offload {tag} x{world}", unit="step", mininterval=0.0
@@ -768,11 +771,7 @@ def main() -> None:
         times = {"forward_s": 0.0, "backward_s": 0.0, "step_s": 0.0}
         micro_loss, micro = torch.zeros(()), 0
         while True:  # the micro-steps of one optimizer step
-            try:
-                x, y = next(batches)
-            except StopIteration:
-                batches = iter(loader)
-                x, y = next(batches)
+            x, y = next(batches)
             boundary = engine.is_gradient_accumulation_boundary()
             t = time.perf_counter()
             loss = engine(x.to(engine.device), y.to(engine.device))

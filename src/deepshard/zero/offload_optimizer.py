@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from deepshard.offload.aio import check_nvme_path
+from deepshard.offload.aio import align_up, check_nvme_path
 from deepshard.offload.swap import PendingRead, Region, SwapSpace, region_offsets
 from deepshard.precision.master import MasterWeights
 
@@ -64,6 +64,11 @@ class SubGroup:
     @property
     def has_state(self) -> bool:
         return any(self.stateful)
+
+
+def staging_bytes(numel: int, regions: int) -> int:
+    """Bytes of a staging buffer holding ``regions`` fp32 tensors of ``numel`` elements, each page-aligned."""
+    return regions * align_up(numel * _F32)
 
 
 def plan_sub_groups(numels: Sequence[int], sub_group_size: int) -> list[SubGroup]:
@@ -176,7 +181,7 @@ class OffloadedOptimizer:
     def buffer_bytes(numels: Sequence[int], sub_group_size: int, state_tensors: int) -> int:
         """Staging-buffer bytes the largest sub-group needs (master plus ``state_tensors`` per element)."""
         largest = max((sg.numel for sg in plan_sub_groups(numels, sub_group_size)), default=1)
-        return (1 + state_tensors) * -(-largest * _F32 // 4096) * 4096
+        return staging_bytes(largest, 1 + state_tensors)
 
     def _views(self, sg: SubGroup, buffer: torch.Tensor, kinds: Sequence[str]) -> dict[str, list[torch.Tensor]]:
         """Per kind (``master`` or a state key), views of ``buffer`` shaped like each member's master."""
@@ -223,7 +228,7 @@ class OffloadedOptimizer:
                 self.swap.slot(self._key(sg, key), sg.numel * _F32)
             sg.slots_for_state = True
         kinds = ["master", *(self.state_keys if with_state else [])]
-        staging = self.swap.take(len(kinds) * -(-sg.numel * _F32 // 4096) * 4096) if buffer is None else buffer
+        staging = self.swap.take(staging_bytes(sg.numel, len(kinds))) if buffer is None else buffer
         views = self._views(sg, staging, kinds)
         dst, src = [], []
         for j, m in enumerate(masters):
@@ -267,7 +272,7 @@ class OffloadedOptimizer:
                     self.swap.files.dir, extra * 4 * sum(sg.numel for sg in self.sub_groups), "optimizer state"
                 )
             largest = max((sg.numel for sg in self.sub_groups), default=1)
-            needed = (1 + len(self.state_keys)) * -(-largest * _F32 // 4096) * 4096
+            needed = staging_bytes(largest, 1 + len(self.state_keys))
             if needed > self.swap.buffer_bytes:
                 self.swap.trim()
                 self.swap.buffer_bytes = needed

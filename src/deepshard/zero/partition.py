@@ -77,6 +77,7 @@ class ZeroPartition:
         self.rows_fresh = True
 
     def _publish_rows(self, members: list[int]) -> None:
+        """Write updated masters into the model; NVMe-offloaded shards are made writable, then written back."""
         if self.param_swap is None:
             self.masters.publish_rows(members)
             return
@@ -84,21 +85,14 @@ class ZeroPartition:
         assert stage3 is not None
 
         def before(p: torch.Tensor) -> None:
-            g = stage3.owner.get(id(p))
-            if g is not None:
-                g.begin_publish(self._trainable_members[g.index])
+            if id(p) in stage3.owner:
+                stage3.owner[id(p)].begin_publish()
 
         def after(p: torch.Tensor) -> None:
-            g = stage3.owner.get(id(p))
-            if g is not None:
-                g.member_published(self._trainable_members[g.index])
+            if id(p) in stage3.owner:
+                stage3.owner[id(p)].member_published()
 
         self.masters.publish_rows(members, before, after)
-
-    @property
-    def _trainable_members(self) -> dict[int, int]:
-        assert self.stage3 is not None
-        return {g.index: sum(p.requires_grad for p in g.params) for g in self.stage3.groups}
 
     @contextlib.contextmanager
     def resident(self) -> Iterator[None]:

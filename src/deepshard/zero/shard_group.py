@@ -98,6 +98,7 @@ class ShardGroup:
         self._read: PendingRead | None = None
         self._unpacked: Future[torch.Tensor] | None = None
         self.segment_resident = True
+        self.trainable = sum(p.requires_grad for p in self.params)  # members with masters (rewritten each step)
         self._left_to_publish = 0
         self.keep_in_memory = False  # offload_param.max_in_cpu: this unit's segment stays in host memory
         if swap is not None:
@@ -187,22 +188,22 @@ class ShardGroup:
         self.segment.untyped_storage().resize_(0)
         self.segment_resident = False
 
-    def begin_publish(self, trainable_members: int) -> None:
+    def begin_publish(self) -> None:
         """Before updated masters are written into the shards: make the segment writable. When every
         member is rewritten (all trainable) its old bytes are not needed, so nothing is read."""
         if self.swap is None or self.segment_resident:
             return
-        if trainable_members == len(self.params):
+        if self.trainable == len(self.params):
             self.segment.untyped_storage().resize_(self._seg_bytes)
             self.segment_resident = True
         else:
             self.load_segment()
 
-    def member_published(self, trainable_members: int) -> None:
+    def member_published(self) -> None:
         """One member's shard was written; after the last, the segment goes back to its tier."""
         if self.swap is None:
             return
-        self._left_to_publish = (self._left_to_publish or trainable_members) - 1
+        self._left_to_publish = (self._left_to_publish or self.trainable) - 1
         if self._left_to_publish == 0:
             self.evict_segment()
 
@@ -285,7 +286,6 @@ class ShardGroup:
             return
         assert self._work is not None and self._buffer is not None, "finish_gather() without start_gather()"
         buffer, work = self._buffer, self._work
-        staged: torch.Tensor | None = None
         if self._unpacked is not None:  # one rank, read from NVMe: already unpacked into the full storage
             staged = self._unpacked.result()
             self._unpacked = self._read = None
@@ -298,21 +298,14 @@ class ShardGroup:
                 p.data = view
             self.unsharded = True
             return
-        if self._read is not None:
+        if self._read is not None:  # several ranks: this rank's segment arrived from NVMe, all-gather it now
             staged = self._read.wait()
             self._read = None
-            if self.world == 1:  # the segment is the whole rank-major buffer: unpack from the staging buffer
-                if self._release_buffer is not None:
-                    self._release_buffer(buffer)
-                self._release_buffer = None
-                buffer = self._staged(staged)
-            else:
-                mine = buffer.view(self.world, self.layout.segment_numel)[self.rank]
-                mine.copy_(self._staged(staged))
-                assert self.swap is not None
-                self.swap.give(staged)
-                staged = None
-                work = comm.all_gather_into_tensor(buffer, mine, group=self.group, async_op=True) or _Done()
+            mine = buffer.view(self.world, self.layout.segment_numel)[self.rank]
+            mine.copy_(self._staged(staged))
+            assert self.swap is not None
+            self.swap.give(staged)
+            work = comm.all_gather_into_tensor(buffer, mine, group=self.group, async_op=True) or _Done()
         wait_collective(work, f"all-gather of ZeRO-3 unit '{self.name}' ({what})", self.rank)
         self._work = None
         self.full.untyped_storage().resize_(self._full_bytes)
@@ -323,9 +316,6 @@ class ShardGroup:
             )
         if self._release_buffer is not None:
             self._release_buffer(buffer)
-        if staged is not None:
-            assert self.swap is not None
-            self.swap.give(staged)
         self._buffer = self._release_buffer = None
         for p, view in zip(self.params, self.views):
             p.data = view

@@ -97,7 +97,7 @@ class Stage3Runtime:
         sizes = sorted(g.gather_numel for g in self.groups)
         self._typical_gather = sizes[len(sizes) // 2] if sizes else 0
         self._pending: dict[int, int] = {}  # group index -> trainable params still without a gradient
-        self._trainable = {g.index: sum(p.requires_grad for p in g.params) for g in self.groups}
+        self._trainable = {g.index: g.trainable for g in self.groups}
         self._handles: list[Any] = []
         for module in self._modules:
             self._handles.append(module.register_forward_pre_hook(self._pre_forward))
