@@ -5,6 +5,7 @@ Not a test module: functions here are pickled by reference and run on the harnes
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -12,11 +13,15 @@ import torch
 import deepshard
 import deepshard.zero
 from deepshard.testing.models import GPT, PRESETS
-from deepshard.testing.parity import make_token_batches, rank_slice, reference_train
+from deepshard.testing.parity import ReferenceResult, make_token_batches, rank_slice, reference_with_bound
 
 STEPS = 20
 MICRO = 2
 LR = 1e-3
+LOSS_TOL = 1e-5
+"""Per-step fp32 losses vs the reference, relative. Not derived from the run like the state bound
+(:class:`deepshard.testing.parity.ParityBound`): losses move far less than parameters (measured
+fp32-vs-float64 deviation <= 3.5e-7 on AVX-512 and AVX2), so the earlier 1e-5 holds on both and stays."""
 
 
 def _config(gas: int, world: int, **extra: Any) -> dict[str, Any]:
@@ -126,26 +131,35 @@ def replaced_storage_error() -> str:
     return "no error"
 
 
-def assert_parity(results: list[dict], ref: Any, tol: float = 1e-5, norms: bool = True) -> None:
-    """Every rank's losses (and norms, final state) match the reference within ``tol``; ranks agree exactly."""
+def assert_parity(results: list[dict], ref: ReferenceResult, norms: bool = True) -> None:
+    """Every rank's losses (``LOSS_TOL``), norms and final state (the reference's measured bound) match
+    the reference; ranks agree exactly."""
     from deepshard.testing.parity import max_relative_difference, max_state_difference
 
+    assert ref.bound is not None
     for r in results:
         assert r["steps"] == STEPS
-        assert max_relative_difference(r["losses"], ref.losses) <= tol
+        assert max_relative_difference(r["losses"], ref.losses) <= LOSS_TOL
         if norms:
-            assert max_relative_difference(r["norms"], ref.grad_norms) <= tol
-        assert max_state_difference(r["state"], ref.state) <= tol
+            assert max_relative_difference(r["norms"], ref.grad_norms) <= ref.bound.norms
+        assert max_state_difference(r["state"], ref.state) <= ref.bound.state
     assert max_state_difference(results[-1]["state"], results[0]["state"]) == 0.0
 
 
+@functools.cache
 def reference(
     world: int, gas: int, clip: float = 0.0, unused: bool = False, preset: str = "tiny", groups: bool = False
-):
-    """The single-process PyTorch run the engine must match."""
-    model = build_model(unused, preset)
-    params: Any = param_groups(model) if groups else [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.01, foreach=False)
-    return reference_train(model, opt, _global_batches(world, gas, preset), clip=clip)
+) -> ReferenceResult:
+    """The single-process PyTorch run the engine must match, with its measured fp32 :class:`ParityBound`.
+
+    Cached: many tests compare against the same reference (callers must not modify it).
+    """
+
+    def build(dtype: torch.dtype) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        model = build_model(unused, preset).to(dtype)
+        params: Any = param_groups(model) if groups else [p for p in model.parameters() if p.requires_grad]
+        return model, torch.optim.AdamW(params, lr=LR, weight_decay=0.01, foreach=False)
+
+    return reference_with_bound(build, _global_batches(world, gas, preset), world, clip=clip)
 
 
