@@ -16,7 +16,11 @@ def test_report_json_through_the_cli(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
-    assert set(data) == {"versions", "accelerator", "backends", "cpu", "memory", "disk", "direct_io"}
+    assert set(data) == {"versions", "accelerator", "backends", "cpu", "memory", "disk", "matmul_gflops", "direct_io"}
+    mm = data["matmul_gflops"]
+    assert mm["size"] == report.MATMUL_SIZE and mm["threads"] >= 1
+    assert set(mm["cpu"]) == {"fp32", "bf16", "fp16"}
+    assert all(isinstance(v, float) and v > 0 for v in mm["cpu"].values()), mm
     assert data["versions"]["torch"] and data["versions"]["deepshard"]
     assert data["backends"]["gloo"] is True
     assert data["disk"]["path"] == str(tmp_path) and data["disk"]["free_gib"] > 0
@@ -29,6 +33,9 @@ def test_report_json_through_the_cli(tmp_path):
         "cpu cores",
         "memory",
         f"direct IO at {tmp_path}",
+        "cpu matmul fp32",
+        "cpu matmul bf16",
+        "cpu matmul fp16",
     ):
         assert label in table
 

@@ -1,7 +1,8 @@
 """``deepshard report``: what this machine offers deepshard, as a table or ``--json``.
 
 Versions (Python, torch, deepshard, optional integrations), the accelerator and its device count, the
-``torch.distributed`` backends, cores, memory, and at ``--path``: free disk and whether the NVMe offload
+``torch.distributed`` backends, cores, memory, the measured matmul throughput per dtype (fp32, bf16,
+fp16: a CPU without native half-precision units runs them tens of times slower), and at ``--path``: free disk and whether the NVMe offload
 tier can use direct IO (``O_DIRECT``) there. Each probe that fails reports why instead of failing the
 report.
 """
@@ -82,6 +83,30 @@ def _backends() -> dict[str, bool]:
     }
 
 
+MATMUL_SIZE = 512
+MATMUL_BUDGET_S = 0.2
+
+
+def _matmul() -> dict[str, Any]:
+    """GFLOP/s of a timed matmul per dtype on the CPU (current thread count) and on the GPU if any."""
+    import torch
+
+    from deepshard.precision.throughput import matmul_gflops
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    out: dict[str, Any] = {"size": MATMUL_SIZE, "threads": torch.get_num_threads()}
+    for device in devices:
+        row: dict[str, Any] = {}
+        for name, dtype in dtypes.items():
+            try:
+                row[name] = matmul_gflops(dtype, device, MATMUL_SIZE, MATMUL_BUDGET_S)
+            except RuntimeError as err:  # a dtype the device has no matmul kernel for
+                row[name] = f"unavailable: {err}"
+        out[device] = row
+    return out
+
+
 def collect(path: str) -> dict[str, Any]:
     """Gather the report as a JSON-ready dict; ``path`` is where disk and direct IO are probed."""
     import psutil
@@ -111,6 +136,7 @@ def collect(path: str) -> dict[str, Any]:
         "cpu": {"cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0))},
         "memory": {"total_gib": memory.total / 2**30, "available_gib": memory.available / 2**30},
         "disk": disk,
+        "matmul_gflops": _matmul(),
         "direct_io": {"path": path, "supported": works, "detail": detail},
     }
 
@@ -131,6 +157,17 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(
             (f"disk at {disk['path']}", f"{disk['free_gib']:.1f} GiB free of {disk['total_gib']:.1f} GiB")
         )
+    mm = report["matmul_gflops"]
+    for device in ("cpu", "cuda"):
+        if device not in mm:
+            continue
+        fp32 = mm[device]["fp32"]
+        for name, value in mm[device].items():
+            if isinstance(value, str):
+                rows.append((f"{device} matmul {name}", value))
+                continue
+            ratio = "" if name == "fp32" else f" ({value / fp32:.2g}x fp32)"
+            rows.append((f"{device} matmul {name}", f"{value:.1f} GFLOP/s{ratio}, {mm['size']}^2, {mm['threads']} thread(s)"))
     rows.append((f"direct IO at {dio['path']}", ("yes: " if dio["supported"] else "no: ") + dio["detail"]))
     return rows
 

@@ -49,6 +49,16 @@ def _dp_world_size(mpu: Any) -> int:
     return comm.get_world_size()
 
 
+def _check_half_precision_speed(cfg: DeepShardConfig) -> None:
+    """Warn once when the config's bf16/fp16 would run emulated on this CPU (measured, see throughput)."""
+    from deepshard.accelerator import get_accelerator
+    from deepshard.precision.throughput import warn_if_half_precision_is_slow
+
+    dtype = torch.bfloat16 if cfg.bf16.enabled else torch.float16 if cfg.fp16.enabled else None
+    if dtype is not None:
+        warn_if_half_precision_is_slow(dtype, get_accelerator().device_name())
+
+
 def initialize(
     args: Any = None,
     model: torch.nn.Module | None = None,
@@ -75,6 +85,7 @@ def initialize(
     source = _config_source(args, config, config_params)
     comm.init_distributed(dist_init_required=dist_init_required, verbose=False)
     cfg = load_config(source, dp_world_size=_dp_world_size(mpu))
+    _check_half_precision_speed(cfg)
     engine = DeepShardEngine(
         model=model,
         config=cfg,
