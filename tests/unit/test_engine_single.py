@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import math
 from typing import Any
 
@@ -570,16 +571,6 @@ def test_client_optimizer_callable_gets_model_parameters():
     assert [id(p) for p in received] == [id(p) for p in model.parameters()]
 
 
-def test_client_and_config_optimizer_is_an_error():
-    model = _model()
-    with pytest.raises(ValueError) as info:
-        deepshard.initialize(
-            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), config=_config()
-        )
-    message = str(info.value)
-    assert "optimizer=" in message and "'optimizer' section" in message and "remove one" in message
-
-
 def test_client_scheduler_object():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -617,13 +608,26 @@ def test_client_scheduler_class_is_called_with_the_optimizer():
     _one_step(engine)
 
 
-def test_client_and_config_scheduler_is_an_error():
-    model = _model()
+def test_client_scheduler_wins_over_the_config_section(caplog):
+    # DeepSpeed's rule (issue #14): the client's scheduler is used, one warning names the ignored section
     sched = {"type": "WarmupLR", "params": {"warmup_num_steps": 2}}
-    with pytest.raises(
-        ValueError, match="both to initialize\\(lr_scheduler=...\\) and in the config's 'scheduler'"
-    ):
-        deepshard.initialize(model=model, lr_scheduler=lambda opt: None, config=_config(scheduler=sched))
+    with caplog.at_level(logging.WARNING, logger="deepshard"):
+        _, _, _, scheduler = deepshard.initialize(
+            model=_model(), lr_scheduler=torch.optim.lr_scheduler.ConstantLR, config=_config(scheduler=sched)
+        )
+    assert isinstance(scheduler, torch.optim.lr_scheduler.ConstantLR)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "'scheduler' section ('WarmupLR') is ignored" in warnings[0]
+
+
+def test_client_optimizer_wins_over_the_config_section(caplog):
+    model = _model()
+    client = torch.optim.SGD(model.parameters(), lr=0.5)
+    with caplog.at_level(logging.WARNING, logger="deepshard"):
+        engine, optimizer, _, _ = deepshard.initialize(model=model, optimizer=client, config=_config())
+    assert optimizer is client and engine.get_lr() == [0.5]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "'optimizer' section ('SGD') is ignored" in warnings[0]
 
 
 def test_config_scheduler_without_optimizer_is_an_error():
