@@ -772,3 +772,29 @@ def test_deepspeed_io_batch_size_and_collate():
 def test_dataloader_drop_last():
     engine = _engine(dataloader_drop_last=True)
     assert len(engine.deepspeed_io(_dataset(5))) == 2
+
+
+def test_bf16_skips_an_overflowing_step_by_default():
+    # DeepSpeed 0.19.8's bf16.check_grad_overflow default is true (issue #14): an inf gradient skips the step
+    engine = _engine(bf16={"enabled": True})
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    x = torch.full((2, 4), float("inf"))
+    loss = engine(x, torch.zeros(2, 2))
+    engine.backward(loss)
+    engine.step()
+    assert not engine.was_step_applied() and engine.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, engine.module.parameters()))
+
+
+@pytest.mark.parametrize("load_optimizer_states", [True, False])
+def test_load_without_optimizer_states_uses_the_restored_schedule_lr(tmp_path, load_optimizer_states):
+    # issue #14: DeepSpeed leaves the fresh optimizer's lr (0 at the start of a warmup from 0) for the next step
+    sched = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": LR, "warmup_num_steps": 10}}
+    engine = _engine(scheduler=sched)
+    for _ in range(3):
+        _one_step(engine)
+    engine.save_checkpoint(str(tmp_path))
+    fresh = _engine(scheduler=sched)
+    assert fresh.get_lr() == [0.0]
+    fresh.load_checkpoint(str(tmp_path), load_optimizer_states=load_optimizer_states)
+    assert fresh.get_lr() == engine.get_lr() and engine.get_lr()[0] > 0

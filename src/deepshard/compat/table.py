@@ -195,6 +195,7 @@ PATHS: Mapping[str, Entry | Refused] = MappingProxyType(
         "profiling": Refused("the FLOPs profiler"),
         "autotuning": Refused("the DeepSpeed autotuner"),
         "elasticity": Refused("elastic training (removed in DeepSpeed 0.19)"),
+        "runtime.comm": Entry(),
         "runtime.comm.coalesced_collectives": Refused("DeepSpeed's coalesced collectives"),
         "ops.sparse_attention.sparsity_config": _SPARSE,
         "runtime.fp16.onebit": _ONEBIT,
