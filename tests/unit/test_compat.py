@@ -5,7 +5,9 @@ so that they see a process where nothing was imported before."""
 from __future__ import annotations
 
 import importlib
+import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -225,3 +227,27 @@ def test_zero_to_fp32_script_in_save_dir_and_api(tmp_path):
     assert files[-1].name == "pytorch_model.bin.index.json" and len(files) > 2
     with pytest.raises(NotImplementedError, match="lazy_mode=True"):
         lookup("utils.zero_to_fp32", "get_fp32_state_dict_from_zero_checkpoint", "x")(tmp_path / "ckpt", lazy_mode=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_unmodified_deepspeed_script_on_two_ranks(tmp_path):
+    # the launcher route: the script says `import deepspeed` and nothing about deepshard
+    script = Path(__file__).resolve().parents[1] / "fixtures" / "deepspeed_scripts" / "train_ds.py"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["PYTHONPATH"] = SRC
+    done = subprocess.run(
+        [sys.executable, "-m", "deepshard.launcher", "--num_procs", "2", "--master_port", str(_free_port()), "--as_deepspeed", "on",
+         str(script), "--out", str(tmp_path / "ckpt")],
+        env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "'import deepspeed' in the job resolves to deepshard" in done.stderr
+    result = json.loads((tmp_path / "ckpt" / "result.json").read_text())
+    assert result["world"] == 2 and result["engine"] == "deepshard.runtime.engine"
+    assert result["lr"] == [1e-2] and result["fp32_matches"]  # the client FusedAdam's lr, not the config's 0.5
+    assert (tmp_path / "ckpt" / "zero_to_fp32.py").is_file()
