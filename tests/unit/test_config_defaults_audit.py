@@ -178,3 +178,10 @@ def test_default_matches_deepspeed_0_19_8(key):
         assert value == expected and type(value) in (type(expected), float, int), (key, value, expected)
     elif kind == "inert":
         assert value, f"{key}: DeepSpeed's default {expected!r} is refused as if it asked for something"
+
+
+def test_infinite_steps_per_print_turns_the_report_off():
+    # accelerate writes float("inf") to silence DeepSpeed's report
+    from deepshard.config import load_config
+
+    assert load_config({"train_batch_size": 1, "steps_per_print": float("inf")}).steps_per_print is None
