@@ -253,7 +253,7 @@ def test_unmodified_deepspeed_script_on_two_ranks(tmp_path):
     assert (tmp_path / "ckpt" / "zero_to_fp32.py").is_file()
 
 
-def test_hf_trainer_over_deepshard_matches_ddp(tmp_path):
+def test_hf_trainer_over_deepshard_matches_ddp_and_saves(tmp_path):
     # HF Trainer, unmodified, TrainingArguments(deepspeed={... "auto" ...}); HF's AdamW + linear schedule,
     # gradient accumulation 2, 5 steps, fp32 on 2 gloo ranks. ZeRO-2/3 vs the same Trainer on DDP: the same
     # reductions of the same fp32 gradients (sums of 2 ranks' means), so losses agree to fp32 rounding.
@@ -278,3 +278,8 @@ def test_hf_trainer_over_deepshard_matches_ddp(tmp_path):
     assert len(reference) == 5
     for label in ("zero2", "zero3"):
         assert results[label]["losses"] == pytest.approx(reference, rel=1e-5), label
+        # evaluate, then save_model (ZeRO-3: gathered on save) -> safetensors that from_pretrained reloads
+        assert results[label]["eval_loss"] == pytest.approx(results["ddp"]["eval_loss"], rel=1e-5), label
+        norms, ddp_norms = results[label]["norms"], results["ddp"]["norms"]
+        assert norms.keys() == ddp_norms.keys() and len(norms) > 10
+        assert list(norms.values()) == pytest.approx(list(ddp_norms.values()), rel=1e-5), label

@@ -172,6 +172,11 @@ class DeepShardConfig(StrictModel):
         """The user's config as given (before aliases and defaults), read-only; lists become tuples."""
         return self._raw
 
+    def get(self, key: str, default: Any = None) -> Any:
+        """``key`` of the config as given (:attr:`raw`): DeepSpeed's ``engine.config`` is that dict, and the
+        Hugging Face stack reads it so (``engine.config.get("zero_optimization", {})``)."""
+        return self._raw.get(key, default)
+
     @property
     def dp_world_size(self) -> int:
         """The data-parallel world size the batch-size triad was resolved for."""

@@ -257,6 +257,10 @@ class DeepShardEngine(torch.nn.Module):
         """The ZeRO stage in use."""
         return self._config.zero_optimization.stage
 
+    def zero_gather_16bit_weights_on_model_save(self) -> bool:
+        """Whether ``save_16bit_model`` gathers ZeRO-3 weights (``stage3_gather_16bit_weights_on_model_save``)."""
+        return self._config.zero_optimization.stage3_gather_16bit_weights_on_model_save
+
     def fp16_enabled(self) -> bool:
         """Whether the module runs in fp16."""
         return self._config.fp16.enabled
@@ -499,6 +503,20 @@ class DeepShardEngine(torch.nn.Module):
     def wait_for_checkpoint(self) -> None:
         """Block until an asynchronous ``save_checkpoint`` is on disk; raise its error if it failed."""
         self._checkpoint_io().wait()
+
+    def _zero3_consolidated_16bit_state_dict(self, exclude_frozen_parameters: bool = False) -> dict[str, Any]:
+        """Collective: the module's whole state dict in its training dtype on global rank 0, ``{}`` elsewhere.
+
+        DeepSpeed's name; accelerate's ``get_state_dict`` (HF ``save_model`` at ZeRO-3) calls it. Parameters
+        are gathered one ZeRO-3 group at a time into host copies.
+        """
+        from deepshard.zero import full_state_dict
+
+        whole = full_state_dict(self.module, cpu=True)
+        if exclude_frozen_parameters:
+            frozen = {n for n, p in self.module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+            whole = {k: v for k, v in whole.items() if k not in frozen}
+        return whole if self.global_rank == 0 else {}
 
     def save_16bit_model(
         self, save_dir: str, save_filename: str = "pytorch_model.bin", exclude_frozen_parameters: bool = False
