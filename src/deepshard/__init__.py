@@ -1,7 +1,9 @@
 """deepshard: ZeRO-style sharded training for PyTorch that reads DeepSpeed's ``ds_config.json``.
 
 ``import deepshard as deepspeed`` runs a DeepSpeed training script: ``initialize``, the engine's
-``backward``/``step``, ``add_config_arguments``, ``init_distributed`` and ``comm``.
+``backward``/``step``, ``add_config_arguments``, ``init_distributed``, ``comm``, ``zero`` and the
+DeepSpeed paths of :mod:`deepshard.compat.table` (``deepshard.ops.adam``, ``deepshard.utils.zero_to_fp32``,
+...); :func:`deepshard.compat.install` makes an unmodified ``import deepspeed`` resolve here.
 
 Names are imported lazily, so that ``deepshard`` tools that do not train (the launcher, the report)
 start without loading the training stack.
@@ -12,7 +14,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from deepshard.compat import _finder as _compat
 from deepshard.version import __version__
+
+_compat.finder()  # DeepSpeed's import paths under deepshard.<path> (deepshard.compat.table)
 
 _LAZY = {
     "comm": ("deepshard.comm", None),
@@ -53,12 +58,16 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    try:
+    if name.startswith("__"):
+        raise AttributeError(f"module 'deepshard' has no attribute {name!r}")
+    if name in _LAZY:
         module_name, attr = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module 'deepshard' has no attribute {name!r}") from None
-    module = importlib.import_module(module_name)
-    value = module if attr is None else getattr(module, attr)
+        module = importlib.import_module(module_name)
+        value = module if attr is None else getattr(module, attr)
+    elif _compat.is_real(name):  # a subpackage is an attribute before anyone imports it (deepspeed.zero...)
+        value = importlib.import_module(f"deepshard.{name}")
+    else:  # DeepSpeed's other top-level names and paths (deepshard.compat.table)
+        value = _compat.lookup("", name, "deepshard", extended=False)
     globals()[name] = value
     return value
 

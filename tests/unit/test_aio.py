@@ -133,8 +133,12 @@ def test_files_are_removed_on_close(tmp_path):
 
 
 def test_bad_nvme_paths(tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="is not an existing directory"):
-        check_nvme_path(tmp_path / "missing", 0)
+    assert check_nvme_path(tmp_path / "missing" / "sub", 0).is_dir()  # created, as DeepSpeed does
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is not a directory"):
+        check_nvme_path(tmp_path / "file", 0)
+    with pytest.raises(ValueError, match=r"does not exist and could not be created \(Not a directory\)"):
+        check_nvme_path(tmp_path / "file" / "sub", 0)
     with pytest.raises(ValueError, match=r"GiB free, but offload needs 1024\.00 GiB"):
         check_nvme_path(tmp_path, 1 << 40)
     if os.geteuid() != 0:  # root may write anywhere

@@ -137,7 +137,7 @@ def test_strict_mismatch_and_overwrite_same_tag(tmp_path):
     engine.save_checkpoint(tmp_path, tag="same")
     train(engine, BATCHES[:2])
     engine.save_checkpoint(tmp_path, tag="same")  # replaces the older save of the tag
-    assert sorted(os.listdir(tmp_path)) == ["latest", "same"]
+    assert sorted(os.listdir(tmp_path)) == ["latest", "same", "zero_to_fp32.py"]  # + DeepSpeed's script (#14)
     other = GPT(PRESETS["tiny"].__class__(**{**PRESETS["tiny"].__dict__, "n_layers": 1}))
     small, _, _, _ = deepshard.initialize(model=other, model_parameters=other.parameters(),
                                           config={"train_micro_batch_size_per_gpu": 2,
@@ -289,4 +289,4 @@ def test_sigkill_during_save_keeps_previous_checkpoint(where, tmp_path):
     path, _ = engine.load_checkpoint(root)
     assert path == str(root / "global_step1") and engine.global_steps == 1
     engine.save_checkpoint(root, tag="after")  # the next save cleans the debris up
-    assert sorted(os.listdir(root)) == ["after", "global_step1", "latest"]
+    assert sorted(os.listdir(root)) == ["after", "global_step1", "latest", "zero_to_fp32.py"]

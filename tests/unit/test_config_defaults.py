@@ -40,10 +40,11 @@ def test_precision_defaults() -> None:
         1,
     )
     assert fp16.dynamic_loss_scale and fp16.initial_dynamic_scale == 65536.0
+    # check_grad_overflow: DeepSpeed 0.19.8's default is true (issue #14)
     assert (cfg.bf16.enabled, cfg.bf16.immediate_grad_update, cfg.bf16.check_grad_overflow) == (
         False,
         False,
-        False,
+        True,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import math
 from typing import Any
 
@@ -570,16 +571,6 @@ def test_client_optimizer_callable_gets_model_parameters():
     assert [id(p) for p in received] == [id(p) for p in model.parameters()]
 
 
-def test_client_and_config_optimizer_is_an_error():
-    model = _model()
-    with pytest.raises(ValueError) as info:
-        deepshard.initialize(
-            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), config=_config()
-        )
-    message = str(info.value)
-    assert "optimizer=" in message and "'optimizer' section" in message and "remove one" in message
-
-
 def test_client_scheduler_object():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -617,13 +608,26 @@ def test_client_scheduler_class_is_called_with_the_optimizer():
     _one_step(engine)
 
 
-def test_client_and_config_scheduler_is_an_error():
-    model = _model()
+def test_client_scheduler_wins_over_the_config_section(caplog):
+    # DeepSpeed's rule (issue #14): the client's scheduler is used, one warning names the ignored section
     sched = {"type": "WarmupLR", "params": {"warmup_num_steps": 2}}
-    with pytest.raises(
-        ValueError, match="both to initialize\\(lr_scheduler=...\\) and in the config's 'scheduler'"
-    ):
-        deepshard.initialize(model=model, lr_scheduler=lambda opt: None, config=_config(scheduler=sched))
+    with caplog.at_level(logging.WARNING, logger="deepshard"):
+        _, _, _, scheduler = deepshard.initialize(
+            model=_model(), lr_scheduler=torch.optim.lr_scheduler.ConstantLR, config=_config(scheduler=sched)
+        )
+    assert isinstance(scheduler, torch.optim.lr_scheduler.ConstantLR)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "'scheduler' section ('WarmupLR') is ignored" in warnings[0]
+
+
+def test_client_optimizer_wins_over_the_config_section(caplog):
+    model = _model()
+    client = torch.optim.SGD(model.parameters(), lr=0.5)
+    with caplog.at_level(logging.WARNING, logger="deepshard"):
+        engine, optimizer, _, _ = deepshard.initialize(model=model, optimizer=client, config=_config())
+    assert optimizer is client and engine.get_lr() == [0.5]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "'optimizer' section ('SGD') is ignored" in warnings[0]
 
 
 def test_config_scheduler_without_optimizer_is_an_error():
@@ -768,3 +772,29 @@ def test_deepspeed_io_batch_size_and_collate():
 def test_dataloader_drop_last():
     engine = _engine(dataloader_drop_last=True)
     assert len(engine.deepspeed_io(_dataset(5))) == 2
+
+
+def test_bf16_skips_an_overflowing_step_by_default():
+    # DeepSpeed 0.19.8's bf16.check_grad_overflow default is true (issue #14): an inf gradient skips the step
+    engine = _engine(bf16={"enabled": True})
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    x = torch.full((2, 4), float("inf"))
+    loss = engine(x, torch.zeros(2, 2))
+    engine.backward(loss)
+    engine.step()
+    assert not engine.was_step_applied() and engine.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, engine.module.parameters()))
+
+
+@pytest.mark.parametrize("load_optimizer_states", [True, False])
+def test_load_without_optimizer_states_uses_the_restored_schedule_lr(tmp_path, load_optimizer_states):
+    # issue #14: DeepSpeed leaves the fresh optimizer's lr (0 at the start of a warmup from 0) for the next step
+    sched = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": LR, "warmup_num_steps": 10}}
+    engine = _engine(scheduler=sched)
+    for _ in range(3):
+        _one_step(engine)
+    engine.save_checkpoint(str(tmp_path))
+    fresh = _engine(scheduler=sched)
+    assert fresh.get_lr() == [0.0]
+    fresh.load_checkpoint(str(tmp_path), load_optimizer_states=load_optimizer_states)
+    assert fresh.get_lr() == engine.get_lr() and engine.get_lr()[0] > 0

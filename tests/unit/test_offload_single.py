@@ -217,9 +217,20 @@ def test_fragment_api_reads_and_writes_through_the_tier(tmp_path):
 
 
 # ---------------------------------------------------------------------- bad input and faults
-def test_missing_nvme_path_fails_at_initialize(tmp_path):
-    with pytest.raises(ValueError, match=r"nvme_path '.*nope' for offload of fp32 masters .* is not an existing"):
-        _engine({"stage": 2, "offload_optimizer": _nvme(tmp_path / "nope")})
+def test_missing_nvme_path_is_created_at_initialize(tmp_path):
+    # DeepSpeed creates a missing nvme_path (issue #14); deepshard does too, parents included
+    engine = _engine({"stage": 2, "offload_optimizer": _nvme(tmp_path / "nope" / "deeper")})
+    assert (tmp_path / "nope" / "deeper").is_dir()
+    engine.destroy()
+
+
+def test_nvme_path_that_cannot_be_created_fails_at_initialize(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(
+        ValueError, match=r"nvme_path '.*a_file/sub' for offload of fp32 masters .* does not exist and could not be "
+        r"created \(Not a directory\)"
+    ):
+        _engine({"stage": 2, "offload_optimizer": _nvme(tmp_path / "a_file" / "sub")})
 
 
 def test_unwritable_nvme_path_fails_at_initialize():

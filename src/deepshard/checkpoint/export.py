@@ -121,7 +121,16 @@ class DeepSpeedWeightsReader:
         return [self.read(name, dtype).reshape(-1)]
 
 
-def _reader(
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"fp32"``/``"bf16"``/``"fp16"`` (or a torch dtype) as a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def weights_reader(
     checkpoint_dir: str | os.PathLike[str], tag: str | None
 ) -> CheckpointReader | DeepSpeedWeightsReader:
     """A reader for a deepshard checkpoint, or for a DeepSpeed one (detected by its files)."""
@@ -138,7 +147,7 @@ def get_fp32_state_dict_from_zero_checkpoint(
     used) or a tag directory, deepshard's or DeepSpeed's (ZeRO-1/2/3). This holds the whole model in
     memory; use :func:`export_safetensors` to stream it to disk instead.
     """
-    reader = _reader(checkpoint_dir, tag)
+    reader = weights_reader(checkpoint_dir, tag)
     out = {
         name: reader.read(name, torch.float32)
         for name in reader.sources
@@ -174,6 +183,7 @@ def export_safetensors(
     tag: str | None = None,
     dtype: str | torch.dtype = "fp32",
     max_shard_size: str | int = "5GB",
+    exclude_frozen_parameters: bool = False,
 ) -> list[Path]:
     """Stream the checkpoint's weights into HF-style safetensors files; return the files written.
 
@@ -181,12 +191,10 @@ def export_safetensors(
     ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``. A DeepSpeed ZeRO
     checkpoint is read whole into memory first (its fp32 partitions are flat, not rows).
     """
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-        dtype = DTYPES[dtype]
-    reader = _reader(checkpoint_dir, tag)
-    shards = plan_shards((reader.spec(n, dtype) for n in reader.sources), parse_size(max_shard_size))
+    dtype = parse_dtype(dtype)
+    reader = weights_reader(checkpoint_dir, tag)
+    names = [n for n in reader.sources if not (exclude_frozen_parameters and n in reader.frozen)]
+    shards = plan_shards((reader.spec(n, dtype) for n in names), parse_size(max_shard_size))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.iterdir():  # an earlier export's files would mix with this one's
@@ -203,7 +211,7 @@ def export_safetensors(
         write_index(out, shards)
         written.append(out / INDEX_NAME)
     logger.info(
-        "exported %d tensors from %s to %s (%d file(s))", len(reader.sources), reader.path, out, len(shards)
+        "exported %d tensors from %s to %s (%d file(s))", len(names), reader.path, out, len(shards)
     )
     return written
 

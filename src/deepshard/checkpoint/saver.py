@@ -37,6 +37,7 @@ from deepshard.checkpoint import _dist, layout, manifest
 from deepshard.checkpoint.deepspeed_load import load_deepspeed_into_engine
 from deepshard.checkpoint.load import LoadOptions, load_into_engine
 from deepshard.checkpoint.state import Captured, capture, sharded_rows
+from deepshard.checkpoint.zero_to_fp32 import write_recovery_script
 from deepshard.utils.logging import log_dist
 
 
@@ -97,6 +98,7 @@ class Checkpointer:
         if _dist.rank() == 0:
             root.mkdir(parents=True, exist_ok=True)
             layout.remove_stale(root)
+            write_recovery_script(root)  # DeepSpeed's zero_to_fp32.py, next to the tags
         _dist.raise_if_any(None)  # barrier: rank 0 cleaned up before anyone writes
         final = root / agreed_tag
         # offloaded (NVMe) masters, optimizer state and shards are read in for the capture, dropped after

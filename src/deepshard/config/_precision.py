@@ -80,7 +80,9 @@ class BF16Config(StrictModel):
         "(its legacy `constants.py` says `true`; the model is what DeepSpeed applies).",
     )
     check_grad_overflow: bool = Field(
-        default=False, description="Check bf16 gradients for inf/NaN and skip the step when one is found."
+        default=True,
+        description="Check bf16 gradients for inf/NaN and skip the step when one is found (DeepSpeed 0.19.8's "
+        "default, `true`: one inf gradient skips the step instead of turning the parameters into NaN).",
     )
 
 

@@ -7,11 +7,12 @@ world size. The model validates types and values; cross-field rules live in the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import Field, PrivateAttr
+from pydantic import BeforeValidator, Field, PrivateAttr
 
 from deepshard.config._precision import BF16Config, DataTypesConfig, FP16Config
 from deepshard.config._types import (
@@ -26,6 +27,11 @@ from deepshard.config._types import (
 )
 from deepshard.config._unsupported import TOP_LEVEL_NOT_SUPPORTED
 from deepshard.config._zero import AioConfig, ZeroConfig
+
+
+def _infinity_is_never(value: Any) -> Any:
+    """``float("inf")`` (Hugging Face accelerate's way to turn the progress report off) reads as ``null``."""
+    return None if isinstance(value, float) and value == math.inf else value
 
 
 class OptimizerConfig(StrictModel):
@@ -96,11 +102,12 @@ class DeepShardConfig(StrictModel):
         description="Micro-batches accumulated per optimizer step. Derived when omitted; `1` when only one "
         "of the other two is given.",
     )
-    steps_per_print: Int | None = Field(
+    steps_per_print: Annotated[Int | None, BeforeValidator(_infinity_is_never)] = Field(
         default=None,
         gt=0,
-        description="Log a progress report every N optimizer steps; `null` turns the report off. DeepSpeed's "
-        "source now defaults to `null` (older releases, and its docs, say `10`); deepshard follows the source.",
+        description="Log a progress report every N optimizer steps; `null` turns the report off (so does "
+        "infinity, which accelerate writes). DeepSpeed's source now defaults to `null` (older releases, and "
+        "its docs, say `10`); deepshard follows the source.",
     )
     wall_clock_breakdown: bool = Field(
         default=False, description="Time the forward, backward and step phases."
@@ -164,6 +171,11 @@ class DeepShardConfig(StrictModel):
     def raw(self) -> Mapping[str, Any]:
         """The user's config as given (before aliases and defaults), read-only; lists become tuples."""
         return self._raw
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """``key`` of the config as given (:attr:`raw`): DeepSpeed's ``engine.config`` is that dict, and the
+        Hugging Face stack reads it so (``engine.config.get("zero_optimization", {})``)."""
+        return self._raw.get(key, default)
 
     @property
     def dp_world_size(self) -> int:

@@ -109,6 +109,14 @@ def build_parser(prog: str = "deepshard") -> argparse.ArgumentParser:
         help="elastic: most nodes (default: the nodes of the job)",
     )
     p.add_argument("--max_restarts", type=int, default=0, help="times the agents restart a failed job")
+    p.add_argument(
+        "--as_deepspeed",
+        "--as-deepspeed",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="make the script's 'import deepspeed' resolve to deepshard (deepshard.compat); auto: on unless "
+        "DeepSpeed itself is installed",
+    )
     p.add_argument("user_script", help="the training script (or module, or program), then its arguments")
     p.add_argument("user_args", nargs=argparse.REMAINDER)
     return p
@@ -193,9 +201,24 @@ def _master_addr(args: argparse.Namespace, resources: ResourceMap, multi_node: b
     return first
 
 
+def _deepspeed_alias(mode: str, env: dict[str, str]) -> dict[str, str]:
+    """``env`` with the ``deepspeed`` alias directory first on ``PYTHONPATH`` when ``mode`` turns it on."""
+    from deepshard.compat import ALIAS_PATH, real_deepspeed_location
+
+    real = real_deepspeed_location()
+    if mode == "off" or (mode == "auto" and real is not None):
+        if real is not None:
+            logger.info("'import deepspeed' in the job is the DeepSpeed installed at %s (--as_deepspeed %s)", real, mode)
+        return env
+    shadowed = f"; the DeepSpeed installed at {real} is not used" if real is not None else ""
+    logger.info("'import deepspeed' in the job resolves to deepshard (--as_deepspeed %s)%s", mode, shadowed)
+    return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ALIAS_PATH), env.get("PYTHONPATH", "")]))}
+
+
 def build_plan(args: argparse.Namespace, env: dict[str, str]) -> Plan:
     """Turn parsed launcher flags into the commands to start here."""
     _check_script(args)
+    env = _deepspeed_alias(args.as_deepspeed, env)
     resources = resolve_resources(args)
     one_node_here = args.node_rank >= 0 or args.no_ssh
     multi_node = (len(resources) > 1 or args.force_multi) and not one_node_here

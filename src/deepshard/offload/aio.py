@@ -62,10 +62,20 @@ def aligned_empty(nbytes: int) -> torch.Tensor:
 
 
 def check_nvme_path(path: str | os.PathLike[str], needed_bytes: int, what: str = "offload") -> Path:
-    """The directory for swap files, checked: it exists, is writable and has ``needed_bytes`` free."""
+    """The directory for swap files, checked: it exists (created when missing, as DeepSpeed does), is
+    writable and has ``needed_bytes`` free."""
     root = Path(path)
+    if not root.exists() and not root.is_symlink():
+        try:
+            root.mkdir(parents=True, exist_ok=True)  # ranks sharing the path may race; exist_ok settles it
+        except OSError as exc:
+            raise ValueError(
+                f"nvme_path {str(root)!r} for {what} does not exist and could not be created "
+                f"({exc.strerror or exc}); create it or fix the path."
+            ) from exc
+        logger.info("created nvme_path %s for %s", root, what)
     if not root.is_dir():
-        raise ValueError(f"nvme_path {str(root)!r} for {what} is not an existing directory; create it or fix the path.")
+        raise ValueError(f"nvme_path {str(root)!r} for {what} is not a directory; point it at a directory.")
     if not os.access(root, os.W_OK | os.X_OK):
         raise ValueError(f"nvme_path {str(root)!r} for {what} is not writable by this process.")
     free = shutil.disk_usage(root).free

@@ -61,7 +61,7 @@ class PrecisionPolicy:
             # with half the memory and no extra copies (and match DeepSpeed's stage 0).
             accumulates = cfg.gradient_accumulation_steps > 1 or cfg.communication_data_type == "fp32"
             grad = torch.float32 if cfg.zero_optimization.stage == 0 and accumulates else torch.bfloat16
-            check = bool(getattr(cfg.bf16, "check_grad_overflow", False))
+            check = bool(cfg.bf16.check_grad_overflow)
         else:
             param, grad, check = torch.float32, torch.float32, False
         accum = getattr(getattr(cfg, "data_types", None), "grad_accum_dtype", None)

@@ -34,7 +34,7 @@ from deepshard.comm.bucketing import broadcast_coalesced
 from deepshard.config import DeepShardConfig
 from deepshard.precision import LossScaler, PrecisionPolicy, loss_scaler_from_config
 from deepshard.runtime.dataloader import DeepShardDataLoader
-from deepshard.runtime.lr_schedules import build_lr_scheduler
+from deepshard.runtime.lr_schedules import build_lr_scheduler, write_current_lr
 from deepshard.runtime.optimizers import build_optimizer
 from deepshard.utils.logging import log_dist
 from deepshard.zero import fragments
@@ -170,10 +170,8 @@ class DeepShardEngine(torch.nn.Module):
     ) -> torch.optim.Optimizer | None:
         cfg_opt = self._config.optimizer
         if client is not None and cfg_opt is not None:
-            raise ValueError(
-                "an optimizer was given both to initialize(optimizer=...) and in the config's 'optimizer' section; "
-                "remove one of them."
-            )
+            _warn_ignored_section("optimizer", cfg_opt.type)
+            cfg_opt = None
         model_parameters = list(model_parameters) if model_parameters is not None else params
         if isinstance(client, torch.optim.Optimizer):
             self.masters.adopt(client)
@@ -192,10 +190,8 @@ class DeepShardEngine(torch.nn.Module):
     def _configure_lr_scheduler(self, client: Any) -> Any:
         cfg_sched = self._config.scheduler
         if client is not None and cfg_sched is not None:
-            raise ValueError(
-                "a learning-rate scheduler was given both to initialize(lr_scheduler=...) and in the config's "
-                "'scheduler' section; remove one of them."
-            )
+            _warn_ignored_section("lr_scheduler", cfg_sched.type)
+            cfg_sched = None
         if client is not None:
             # A class or factory is called with the optimizer (DeepSpeed's rule); an instance is used as is.
             if not callable(client):
@@ -260,6 +256,10 @@ class DeepShardEngine(torch.nn.Module):
     def zero_optimization_stage(self) -> int:
         """The ZeRO stage in use."""
         return self._config.zero_optimization.stage
+
+    def zero_gather_16bit_weights_on_model_save(self) -> bool:
+        """Whether ``save_16bit_model`` gathers ZeRO-3 weights (``stage3_gather_16bit_weights_on_model_save``)."""
+        return self._config.zero_optimization.stage3_gather_16bit_weights_on_model_save
 
     def fp16_enabled(self) -> bool:
         """Whether the module runs in fp16."""
@@ -477,14 +477,46 @@ class DeepShardEngine(torch.nn.Module):
         load_lr_scheduler_states: bool = True,
         load_module_only: bool = False,
     ) -> tuple[str | None, dict[str, Any] | None]:
-        """Collective: restore from ``load_dir`` (its ``latest`` unless ``tag``); ``(path, client_state)``."""
-        return self._checkpoint_io().load(
+        """Collective: restore from ``load_dir`` (its ``latest`` unless ``tag``); ``(path, client_state)``.
+
+        With ``load_optimizer_states=False`` the restored schedule's lr is written into the optimizer,
+        so the next step uses it (DeepSpeed leaves the fresh optimizer's lr, e.g. 0 in a warmup).
+        """
+        path, client_state = self._checkpoint_io().load(
             load_dir, tag, load_module_strict, load_optimizer_states, load_lr_scheduler_states, load_module_only
         )
+        restored_schedule = path is not None and load_lr_scheduler_states and not load_module_only
+        if (
+            restored_schedule
+            and not load_optimizer_states
+            and self.lr_scheduler is not None
+            and self.optimizer is not None
+            and not write_current_lr(self.lr_scheduler, self.optimizer)
+        ):
+            log_dist(
+                f"the restored {type(self.lr_scheduler).__name__} cannot tell its current lr; the optimizer "
+                "keeps its lr until the schedule's next step",
+                ranks=[0], level=logging.WARNING,
+            )  # fmt: skip
+        return path, client_state
 
     def wait_for_checkpoint(self) -> None:
         """Block until an asynchronous ``save_checkpoint`` is on disk; raise its error if it failed."""
         self._checkpoint_io().wait()
+
+    def _zero3_consolidated_16bit_state_dict(self, exclude_frozen_parameters: bool = False) -> dict[str, Any]:
+        """Collective: the module's whole state dict in its training dtype on global rank 0, ``{}`` elsewhere.
+
+        DeepSpeed's name; accelerate's ``get_state_dict`` (HF ``save_model`` at ZeRO-3) calls it. Parameters
+        are gathered one ZeRO-3 group at a time into host copies.
+        """
+        from deepshard.zero import full_state_dict
+
+        whole = full_state_dict(self.module, cpu=True)
+        if exclude_frozen_parameters:
+            frozen = {n for n, p in self.module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+            whole = {k: v for k, v in whole.items() if k not in frozen}
+        return whole if self.global_rank == 0 else {}
 
     def save_16bit_model(
         self, save_dir: str, save_filename: str = "pytorch_model.bin", exclude_frozen_parameters: bool = False
@@ -493,6 +525,20 @@ class DeepShardEngine(torch.nn.Module):
         from deepshard.checkpoint import save_16bit_model
 
         return save_16bit_model(self, save_dir, save_filename, exclude_frozen_parameters)
+
+
+DeepSpeedEngine = DeepShardEngine
+"""DeepSpeed's name (``deepspeed.runtime.engine.DeepSpeedEngine``), for ``isinstance`` checks."""
+
+
+def _warn_ignored_section(argument: str, config_type: str) -> None:
+    """DeepSpeed's rule: what the script passes to ``initialize`` wins over the config's section."""
+    section = "optimizer" if argument == "optimizer" else "scheduler"
+    log_dist(
+        f"initialize({argument}=...) was given, so the config's '{section}' section ({config_type!r}) is ignored "
+        f"(DeepSpeed's rule: the client's {argument} wins); remove the section to silence this warning.",
+        ranks=[0], level=logging.WARNING,
+    )  # fmt: skip
 
 
 def _cast_floating(obj: Any, dtype: torch.dtype) -> Any:

@@ -32,9 +32,11 @@ __all__ = [
     "OneCycle",
     "WarmupCosineLR",
     "WarmupDecayLR",
+    "VALID_LR_SCHEDULES",
     "WarmupLR",
     "build_lr_scheduler",
     "scheduler_choices",
+    "write_current_lr",
 ]
 
 logger = logging.getLogger(__name__)
@@ -125,12 +127,16 @@ class _Schedule:
         self.last_batch_iteration = state_dict["last_batch_iteration"]
 
     def _write_lrs(self, lrs: list[float]) -> None:
-        for group, lr in zip(self.optimizer.param_groups, lrs):
-            if isinstance(group["lr"], Tensor):
-                group["lr"].fill_(lr)  # keep a tensor lr a tensor (capturable / compiled optimizers)
-            else:
-                group["lr"] = lr
+        _set_lrs(self.optimizer, lrs)
         self._last_lr = list(lrs)
+
+
+def _set_lrs(optimizer: Optimizer, lrs: list[Any]) -> None:
+    for group, lr in zip(optimizer.param_groups, lrs):
+        if isinstance(group["lr"], Tensor):
+            group["lr"].fill_(lr)  # keep a tensor lr a tensor (capturable / compiled optimizers)
+        else:
+            group["lr"] = lr
 
 
 def _warmup_gamma(iteration: int, warmup_num_steps: int, warmup_type: str) -> float:
@@ -433,6 +439,27 @@ class LRRangeTest(_Schedule):
 _DEEPSPEED_SCHEDULES: dict[str, type[_Schedule]] = {
     cls.__name__.lower(): cls for cls in (LRRangeTest, OneCycle, WarmupLR, WarmupDecayLR, WarmupCosineLR)
 }
+VALID_LR_SCHEDULES = [cls.__name__ for cls in _DEEPSPEED_SCHEDULES.values()]
+"""DeepSpeed's schedule names (accelerate tells a DeepSpeed schedule from its own by these)."""
+
+
+def write_current_lr(scheduler: Any, optimizer: Optimizer) -> bool:
+    """Write the lr of ``scheduler``'s current position into ``optimizer``'s param groups.
+
+    Used after a checkpoint restored the schedule but not the optimizer state, whose lr would
+    otherwise stay at the fresh schedule's first value (0 during a warmup from 0) for the next step.
+    Returns ``False`` for a scheduler that cannot tell its current lr (neither a DeepSpeed schedule nor
+    a ``torch.optim.lr_scheduler.LRScheduler``).
+    """
+    lrs: list[Any]
+    if isinstance(scheduler, _Schedule):
+        lrs = scheduler.get_lr()
+    elif isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+        lrs = scheduler.get_last_lr()  # part of its state_dict
+    else:
+        return False
+    _set_lrs(optimizer, lrs)
+    return True
 # torch schedulers whose constructors need Python objects (callables, other schedulers) or whose step()
 # needs a metric; a JSON config cannot drive them.
 _TORCH_EXCLUDED = frozenset(

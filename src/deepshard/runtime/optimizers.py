@@ -31,7 +31,7 @@ from deepshard.config.errors import ConfigError, NotSupportedYetError, did_you_m
 from deepshard.runtime._lamb_lion import Lamb, Lion
 from deepshard.runtime._params import check_param_names, signature_params
 
-__all__ = ["Lamb", "Lion", "build_optimizer", "optimizer_choices"]
+__all__ = ["DeepSpeedCPUAdam", "FusedAdam", "Lamb", "Lion", "build_optimizer", "optimizer_choices"]
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +158,68 @@ def _resolve(type_name: str, kwargs: dict[str, Any]) -> type[Optimizer]:
         if not torch_adam:
             kwargs.setdefault("weight_decay", 0.0)  # FusedAdam / DeepSpeedCPUAdam default
     return cls
+
+
+class FusedAdam(torch.optim.Adam):
+    """DeepSpeed's ``deepspeed.ops.adam.FusedAdam``: ``torch.optim.Adam`` with DeepSpeed's arguments.
+
+    ``adam_w_mode=True`` (the default) is decoupled weight decay (AdamW), ``False`` L2 regularisation;
+    ``weight_decay`` defaults to ``0``. PyTorch's fused kernel is used where it exists for the
+    parameters' device and dtype. Only DeepSpeed's defaults of ``bias_correction`` (``True``) and
+    ``amsgrad`` (``False``, which FusedAdam refuses too) are accepted.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        bias_correction: bool = True,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        adam_w_mode: bool = True,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        set_grad_none: bool = True,
+    ) -> None:
+        del set_grad_none  # torch's zero_grad() sets gradients to None already
+        _check_adam_flags(type(self).__name__, bias_correction, amsgrad)
+        groups = _param_groups(params)
+        super().__init__(
+            groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,  # type: ignore[arg-type]
+            decoupled_weight_decay=adam_w_mode, fused=_fused_ok(_tensors(groups)) or None,
+        )  # fmt: skip
+
+
+class DeepSpeedCPUAdam(FusedAdam):
+    """DeepSpeed's ``deepspeed.ops.adam.DeepSpeedCPUAdam`` (its C++ kernel): PyTorch's fused Adam(W) on the
+    host, which deepshard uses for every offloaded step (no compile step). ``adamw_mode`` is
+    ``adam_w_mode``; optimizer states stay fp32 (``fp32_optimizer_states=False`` is refused)."""
+
+    def __init__(
+        self,
+        model_params: Iterable[Any],
+        lr: float = 1e-3,
+        bias_correction: bool = True,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        adamw_mode: bool = True,
+        fp32_optimizer_states: bool = True,
+    ) -> None:
+        if not fp32_optimizer_states:
+            raise NotSupportedYetError(
+                "DeepSpeedCPUAdam(fp32_optimizer_states=False) keeps optimizer states in the parameters' dtype, "
+                "which deepshard does not implement; leave it at True."
+            )
+        super().__init__(model_params, lr, bias_correction, betas, eps, adamw_mode, weight_decay, amsgrad)
+
+
+def _check_adam_flags(owner: str, bias_correction: bool, amsgrad: bool) -> None:
+    if not bias_correction:
+        raise NotSupportedYetError(f"{owner}(bias_correction=False) is not supported by deepshard; leave it True.")
+    if amsgrad:
+        raise NotSupportedYetError(f"{owner}(amsgrad=True) is not supported (DeepSpeed's FusedAdam refuses it too).")
 
 
 def build_optimizer(
