@@ -30,6 +30,7 @@ _LAZY = {
     "DeepSpeedEngine": ("deepshard.runtime.engine", "DeepShardEngine"),
     "add_config_arguments": ("deepshard.runtime.initialize", "add_config_arguments"),
     "initialize": ("deepshard.runtime.initialize", "initialize"),
+    "init_inference": ("deepshard.inference.engine", "init_inference"),
 }
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "comm",
     "get_accelerator",
     "init_distributed",
+    "init_inference",
     "initialize",
 ]
 
@@ -51,6 +53,7 @@ if TYPE_CHECKING:
     from deepshard.comm import init_distributed as init_distributed
     from deepshard.config import ConfigError as ConfigError
     from deepshard.config import DeepShardConfig as DeepShardConfig
+    from deepshard.inference.engine import init_inference as init_inference
     from deepshard.runtime.engine import DeepShardEngine as DeepShardEngine
     from deepshard.runtime.engine import DeepShardEngine as DeepSpeedEngine
     from deepshard.runtime.initialize import add_config_arguments as add_config_arguments
