@@ -56,7 +56,6 @@ PATHS: Mapping[str, Entry | Refused] = MappingProxyType(
             extends="deepshard",
             names={
                 "DeepSpeedConfigError": "deepshard.config:ConfigError",
-                "init_inference": Refused("the DeepSpeed inference engine (init_inference)"),
                 "tp_model_init": Refused("AutoTP tensor-parallel model init"),
                 "PipelineModule": Refused("pipeline parallelism (PipelineModule)"),
                 "PipelineEngine": Refused("pipeline parallelism (PipelineEngine)"),
@@ -190,7 +189,6 @@ PATHS: Mapping[str, Entry | Refused] = MappingProxyType(
             }
         ),
         "module_inject": Refused("kernel injection and AutoTP (deepspeed.module_inject)"),
-        "inference": Refused("the DeepSpeed inference engine"),
         "compression": Refused("the compression toolkit"),
         "profiling": Refused("the FLOPs profiler"),
         "autotuning": Refused("the DeepSpeed autotuner"),
