@@ -168,3 +168,28 @@ def test_has_torch_env():
 
 def test_mpi_master_addr_without_mpi4py(clean_torch_env):
     assert discovery._mpi_master_addr() is None
+
+
+def test_group_created_by_init_distributed_is_destroyed_at_exit(tmp_path):
+    # DeepSpeed scripts end without destroy_process_group(); on gloo a rank that exits while its peers
+    # still work can abort in gloo's teardown (exit -6). init_distributed's group is destroyed at exit.
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code = (
+        "import atexit, torch.distributed as dist, deepshard.comm as comm\n"
+        "comm.init_distributed(dist_backend='gloo', verbose=False)\n"
+        "assert dist.is_initialized()\n"
+        "atexit._run_exitfuncs()\n"
+        "print('initialized after exit hooks:', dist.is_initialized())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in TORCH_KEYS}
+    env.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "initialized after exit hooks: False" in done.stdout
