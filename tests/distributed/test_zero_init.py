@@ -53,11 +53,28 @@ def test_construction_memory_is_a_fraction_of_the_model(dist4):
         assert r["full"] > 2 * r["model_state_after_init"], message  # the engine's parameter shards
 
 
-def test_ranks_seeded_differently_are_refused(dist2):
-    for message in dist2.run(zr.seeded_by_rank):
+def test_ranks_seeded_differently_build_rank0s_values(dist2):
+    # DeepSpeed gives every rank rank 0's initial values; zero.Init draws the construction from rank 0's
+    # generator (one broadcast of its state) and hands each rank its own generator back afterwards
+    for r in dist2.run(zr.seeded_by_rank):
+        assert r["bad"] == [] and r["partitioned"] > 0, r
+    assert dist2.run(zr.seeded_by_rank)[1]["own_generator_back"] is True
+
+
+def test_ranks_diverging_outside_the_torch_generator_are_refused(dist2):
+    for message in dist2.run(zr.diverging_outside_torch_generator):
         assert "ranks built different initial values" in message
-        assert "torch.manual_seed" in message
         assert "'Embedding.weight'" in message or "'GPT.tok.weight'" in message, message
+
+
+def test_uninitialised_build_filled_by_rank0_inside_gathered_parameters(dist2, tmp_path):
+    # before initialize(): GatheredParameters over zero.Init's parameters gathers their rows, and with
+    # modifier_rank=0 what rank 0 wrote becomes every rank's rows (how transformers loads under ZeRO-3)
+    torch.manual_seed(7)
+    path = tmp_path / "linear.pt"
+    torch.save(torch.nn.Linear(64, 48).state_dict(), path)
+    for r in dist2.run(zr.uninitialised_then_filled_by_rank0, str(path)):
+        assert r["bad"] == [] and r["inside_equal"] == [True, True] and r["partitioned"] == 1, r
 
 
 def test_existing_module_is_converted_in_place(dist2):

@@ -186,15 +186,71 @@ def construction_memory() -> dict[str, int]:
     return result
 
 
-def seeded_by_rank() -> str:
-    """Ranks seeded differently: zero.Init must refuse on exit (the error is returned, not raised)."""
-    torch.manual_seed(deepshard.comm.get_rank())
+def seeded_by_rank() -> dict[str, Any]:
+    """Ranks seeded differently: the model is rank 0's construction (DeepSpeed's rule: rank 0's values),
+    and each rank's own torch generator is back after the context (rank 1 draws what it would have)."""
+    rank = deepshard.comm.get_rank()
+    torch.manual_seed(0)
+    reference = GPT(PRESETS["odd"])
+    torch.manual_seed(rank)
+    own_next = torch.get_rng_state()
+    with Init(config_dict_or_path={"zero_optimization": {"stage3_param_persistence_threshold": 100}}):
+        model = GPT(PRESETS["odd"])
+    after = torch.get_rng_state()
+    partitioned = sum(hasattr(p, LOCAL_ROWS) for p in model.parameters())
+    return {"bad": rows_match(model, reference), "partitioned": partitioned,
+            "own_generator_back": torch.equal(after, own_next) if rank else None}  # fmt: skip
+
+
+def diverging_outside_torch_generator() -> str:
+    """Values that differ through another source of randomness (Python's ``random``): refused on exit."""
+    import random
+
+    random.seed(deepshard.comm.get_rank())
     try:
         with Init(config_dict_or_path={"zero_optimization": {"stage3_param_persistence_threshold": 100}}):
-            GPT(PRESETS["odd"])
+            model = GPT(PRESETS["odd"])
+            with torch.no_grad():
+                model.tok.weight.mul_(1.0 + random.random())
     except RuntimeError as exc:
         return str(exc)
     return "no error"
+
+
+class _Uninitialised(nn.Module):
+    """``nn.Linear(64, 48)``'s parameters from ``torch.empty``, never filled (Hugging Face's no-init build)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(48, 64))
+        self.bias = nn.Parameter(torch.empty(48))
+
+
+def uninitialised_then_filled_by_rank0(path: str) -> dict[str, Any]:
+    """The Hugging Face loading pattern: build with ``torch.empty`` (no init) under zero.Init, then fill
+    each module from a file inside ``GatheredParameters(modifier_rank=0)`` on rank 0 only."""
+    from deepshard.zero.gathered import GatheredParameters
+
+    rank = deepshard.comm.get_rank()
+    torch.manual_seed(100 + rank)  # nothing here may depend on the seed
+    saved = torch.load(path)
+    config = {"zero_optimization": {"stage3_param_persistence_threshold": 100}}
+    junk = torch.full((48 * 64,), float(rank + 1))  # freed memory torch.empty may hand out again: differs by rank
+    del junk
+    with Init(config_dict_or_path=config):
+        model = _Uninitialised()
+    inside_equal = []
+    for name, p in model.named_parameters():
+        with GatheredParameters([p], modifier_rank=0):
+            if rank == 0:
+                with torch.no_grad():
+                    p.copy_(saved[name])
+        with GatheredParameters([p]):
+            inside_equal.append(torch.equal(p.detach(), saved[name]))
+    reference = nn.Linear(64, 48)
+    reference.load_state_dict(saved)
+    return {"bad": rows_match(model, reference), "inside_equal": inside_equal,
+            "partitioned": sum(hasattr(p, LOCAL_ROWS) for p in model.parameters())}  # fmt: skip
 
 
 def convert_existing() -> list[str]:

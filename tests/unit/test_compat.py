@@ -255,15 +255,24 @@ def test_unmodified_deepspeed_script_on_two_ranks(tmp_path):
 
 def test_hf_trainer_over_deepshard_matches_ddp_and_saves(tmp_path):
     # HF Trainer, unmodified, TrainingArguments(deepspeed={... "auto" ...}); HF's AdamW + linear schedule,
-    # gradient accumulation 2, 5 steps, fp32 on 2 gloo ranks. ZeRO-2/3 vs the same Trainer on DDP: the same
+    # gradient accumulation 2, 20 steps, fp32 on 2 gloo ranks. ZeRO-2/3 vs the same Trainer on DDP: the same
     # reductions of the same fp32 gradients (sums of 2 ranks' means), so losses agree to fp32 rounding.
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     script = Path(__file__).resolve().parents[1] / "fixtures" / "hf" / "trainer_tiny.py"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["PYTHONPATH"] = SRC
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "start")
     results = {}
-    for label, extra in [("zero2", ["--stage", "2"]), ("zero3", ["--stage", "3"]), ("ddp", [])]:
+    runs = [("zero2", ["--stage", "2"]), ("zero3", ["--stage", "3"]), ("ddp", []),
+            ("zero3_loaded", ["--stage", "3", "--load", str(tmp_path / "start")])]  # fmt: skip
+    for label, extra in runs:
         out = tmp_path / f"{label}.json"
         done = subprocess.run(
             [sys.executable, "-m", "deepshard.launcher", "--num_procs", "2", "--master_port", str(_free_port()),
@@ -275,8 +284,10 @@ def test_hf_trainer_over_deepshard_matches_ddp_and_saves(tmp_path):
     assert results["zero2"]["engine"] == results["zero3"]["engine"] == "deepshard.runtime.engine"
     assert results["ddp"]["engine"] == "torch.nn.parallel.distributed"
     reference = results["ddp"]["losses"]
-    assert len(reference) == 5
-    for label in ("zero2", "zero3"):
+    assert len(reference) == 20
+    # ZeRO-3 under from_pretrained: built partitioned (HfDeepSpeedConfig alive), then trained the same
+    assert results["zero3_loaded"]["partitioned_at_load"] > 10 and results["zero3"]["partitioned_at_load"] == 0
+    for label in ("zero2", "zero3", "zero3_loaded"):
         assert results[label]["losses"] == pytest.approx(reference, rel=1e-5), label
         # evaluate, then save_model (ZeRO-3: gathered on save) -> safetensors that from_pretrained reloads
         assert results[label]["eval_loss"] == pytest.approx(results["ddp"]["eval_loss"], rel=1e-5), label

@@ -28,6 +28,7 @@ __all__ = [
     "is_available",
     "get_rank",
     "get_world_size",
+    "global_rank",
     "get_local_rank",
     "get_local_world_size",
     "get_backend",
@@ -137,6 +138,13 @@ def get_rank(group: Any = None) -> int:
 def get_world_size(group: Any = None) -> int:
     """Size of ``group`` (1 without a process group)."""
     return dist.get_world_size(group) if is_initialized() else 1
+
+
+def global_rank(group: Any, group_rank: int) -> int:
+    """The global rank of ``group``'s rank ``group_rank`` (itself for the default group or no group)."""
+    if group is None or not is_initialized():
+        return group_rank
+    return int(dist.get_global_rank(group, group_rank))
 
 
 def get_local_rank() -> int:

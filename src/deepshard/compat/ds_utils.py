@@ -76,3 +76,30 @@ def clone_tensors_for_torch_save(item: Any, device: torch.device | str = "cpu") 
     if isinstance(item, dict):
         return {k: clone_tensors_for_torch_save(v, device) for k, v in item.items()}
     return item
+
+
+ORIGINAL_TORCH_ARANGE = torch.arange
+"""``torch.arange`` as imported (DeepSpeed's ``partition_parameters._orig_torch_arange``)."""
+
+
+def zero_wrapper_for_fp_tensor_constructor(
+    fn: Any, target_fp_dtype: torch.dtype, target_device: torch.device | str | None = None
+) -> Any:
+    """A tensor constructor like ``fn`` that builds on ``target_device`` and casts float results.
+
+    DeepSpeed's ``zero.Init`` installs such wrappers over ``torch.empty``/``zeros``/... so that a model is
+    built directly in the training dtype, and the Hugging Face stack replaces this function to keep
+    ``torch.arange`` (rotary buffers) in float32. deepshard's ``zero.Init`` wraps no constructor: values
+    are computed in the dtype the model's code asks for and partitioned parameters are cast when the
+    context exits, so buffers keep their dtypes whether or not this function is replaced.
+    """
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("device") is None and target_device is not None:
+            kwargs["device"] = target_device
+        tensor = fn(*args, **kwargs)
+        if torch.is_tensor(tensor) and tensor.is_floating_point():
+            tensor = tensor.to(target_fp_dtype)
+        return tensor.requires_grad_(bool(kwargs.get("requires_grad", False))) if torch.is_tensor(tensor) else tensor
+
+    return wrapped

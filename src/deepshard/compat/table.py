@@ -101,6 +101,9 @@ PATHS: Mapping[str, Entry | Refused] = MappingProxyType(
                 "GatheredParameters": "deepshard.zero:GatheredParameters",
                 "Init": "deepshard.zero:Init",
                 "register_external_parameter": "deepshard.zero:register_external_parameter",
+                "zero_wrapper_for_fp_tensor_constructor": "deepshard.compat.ds_utils:zero_wrapper_for_fp_tensor_constructor",
+                "_orig_torch_arange": "deepshard.compat.ds_utils:ORIGINAL_TORCH_ARANGE",
+                "get_accelerator": "deepshard.accelerator:get_accelerator",
                 "ZeroParamStatus": Refused("ZeRO-3's per-tensor ds_status attribute (deepshard keeps parameters' "
                                            "real shapes; see docs/zero3.md)"),
             }

@@ -20,9 +20,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from deepshard import comm
 from deepshard.precision.master import as_rows
-from deepshard.zero.layout import ShardSpec
+from deepshard.zero.layout import ShardSpec, gather_rows
 
 # id(param) -> (weak param, weak partition): entries never keep an engine's state alive.
 _REGISTRY: dict[int, tuple[weakref.ref[torch.Tensor], weakref.ref[Any]]] = {}
@@ -64,12 +63,7 @@ def _gather_rows(local: torch.Tensor, shape: torch.Size, partition: Any) -> torc
     local = local.detach().to(torch.float32)
     if not partition.stage.shard_optimizer or partition.world == 1:
         return local.reshape(shape).clone()
-    spec = ShardSpec(torch.Size(shape), partition.world)
-    padded = torch.zeros(spec.shard_numel, dtype=torch.float32, device=local.device)
-    padded[: local.numel()] = local.reshape(-1)
-    full = torch.empty(spec.shard_numel * partition.world, dtype=torch.float32, device=local.device)
-    comm.all_gather_into_tensor(full, padded, group=partition.group)
-    return full.view(spec.shard_rows * partition.world, spec.row_numel)[: spec.rows].reshape(shape).clone()
+    return gather_rows(local, ShardSpec(torch.Size(shape), partition.world), partition.group)
 
 
 def _my_rows(whole: torch.Tensor, param: torch.Tensor, partition: Any) -> torch.Tensor:

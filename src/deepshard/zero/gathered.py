@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from deepshard import comm
+from deepshard.zero.init_gather import InitGather, init_group
 
 GROUP_ATTR = "_deepshard_group"  # on each sharded parameter: its ShardGroup (which knows its runtime)
 
@@ -49,15 +50,29 @@ class GatheredParameters:
         self.modifier_rank = modifier_rank
         self.enabled = enabled
         self.groups: list[Any] = []
+        built: dict[int, tuple[Any, list[torch.Tensor]]] = {}  # zero.Init parameters not yet in an engine
+        plain: list[torch.Tensor] = []
         for p in self.params:
             g = _group_of(p)
-            if g is not None and g not in self.groups:
-                self.groups.append(g)
+            if g is not None:
+                if g not in self.groups:
+                    self.groups.append(g)
+                continue
+            partitioned, init_pg = init_group(p)
+            if partitioned:
+                built.setdefault(id(init_pg), (init_pg, []))[1].append(p)
+            else:
+                plain.append(p)
+        self.init_gathers = [InitGather(ps, pg) for pg, ps in built.values()]
+        self.plain = plain
         self.runtime = self.groups[0].runtime if self.groups else None
 
     def __enter__(self) -> GatheredParameters:
         if self.enabled and self.runtime is not None:
             self.runtime.fetch(self.groups, "GatheredParameters")
+        if self.enabled:
+            for gather in self.init_gathers:
+                gather.gather()
         return self
 
     def __exit__(
@@ -65,7 +80,10 @@ class GatheredParameters:
     ) -> None:
         if not self.enabled:
             return
-        if self.modifier_rank is not None and exc_type is None:
+        adopt = self.modifier_rank is not None and exc_type is None
+        for gather in self.init_gathers:
+            gather.release(self.modifier_rank if adopt else None)
+        if adopt:
             self._adopt_modifications()
         if self.runtime is not None:
             self.runtime.unuse(self.groups, keep=False)
@@ -86,7 +104,7 @@ class GatheredParameters:
             group = partition.group if partition is not None else None
             src = dist.get_global_rank(group, self.modifier_rank) if group is not None else self.modifier_rank
             tensors = [g.full for g in self.groups]
-            tensors += [p.data for p in self.params if _group_of(p) is None]
+            tensors += [p.data for p in self.plain]
             for t in tensors:
                 dist.broadcast(t, src=src, group=group)
         for g in self.groups:

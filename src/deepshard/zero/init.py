@@ -28,12 +28,20 @@ Mechanism, using PyTorch's public extension points only (nothing in torch is rep
   is exact. Writes that cannot be reproduced on the rows (through an index or a reshaped view of a
   parameter that is not materialised, ``index_fill_``, or reading another partitioned parameter's
   values) raise an error that names the parameter.
+* The construction draws from rank 0's torch generator: on entry one broadcast of its state gives every
+  rank the same random stream, so every rank computes rank 0's initial values (what DeepSpeed gets with
+  one broadcast per parameter), and on exit a rank that had been seeded differently gets its own
+  generator back. Values of ``torch.empty`` (undefined memory, which differs between ranks) are zeros
+  under the context: a model built without initialisation, as Hugging Face's ``from_pretrained`` does
+  before filling it from the checkpoint, agrees on every rank too.
 * Every full tensor a rank produces for a parameter (and every elementwise update applied to its rows)
   is folded into an exact integer fingerprint of the parameter. On exit one all-reduce compares the
-  fingerprints of all ranks: ranks seeded differently fail with an error instead of training a model
-  whose rows come from different initialisations. (DeepSpeed broadcasts every parameter from rank 0
-  instead; one small collective here replaces one broadcast per parameter, at the price of requiring
-  ``torch.manual_seed`` with the same seed on every rank.)
+  fingerprints of all ranks: values that still differ (randomness from another source, such as Python's
+  ``random`` or NumPy seeded per rank) fail with an error instead of training a model whose rows come
+  from different initialisations.
+* Before ``initialize``, :class:`~deepshard.zero.GatheredParameters` over such parameters gathers their
+  rows (and with ``modifier_rank`` makes that rank's writes every rank's rows):
+  :mod:`deepshard.zero.init_gather`.
 
 Memory: a rank holds its rows of the partitioned parameters (kept in the construction dtype until
 exit) plus the full parameters of at most one module at a time: the module being built, whose
@@ -53,7 +61,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from deepshard import comm
-from deepshard.zero.init_partition import FLOAT_DTYPES, InitMode, Partitioner
+from deepshard.zero.init_partition import FLOAT_DTYPES, InitMode, Partitioner, _collective_device
 
 DEFAULT_PERSISTENCE_THRESHOLD = 100_000  # DeepSpeed's stage3_param_persistence_threshold default
 
@@ -86,9 +94,9 @@ class Init:
         mpu: a model-parallel unit; its ``get_data_parallel_group()`` is used when
             ``data_parallel_group`` is not given.
 
-    Every rank must build the same values: seed them identically (``torch.manual_seed``) before the
-    context. On exit one all-reduce compares a fingerprint of every partitioned parameter and raises if
-    ranks differ. After the context, pass the model to ``deepshard.initialize`` with ZeRO stage 3 as
+    Every rank builds rank 0's values (the construction draws from rank 0's torch generator). On exit
+    one all-reduce compares a fingerprint of every partitioned parameter and raises if ranks still
+    differ (randomness from a source other than torch's generator). After the context, pass the model to ``deepshard.initialize`` with ZeRO stage 3 as
     it is; do not call ``model.to()``/``half()`` on it (that would materialise whole tensors of NaN):
     ``initialize`` casts the rows itself.
     """
@@ -121,6 +129,7 @@ class Init:
         self._partitioner: Partitioner | None = None
         self._mode: InitMode | None = None
         self._handles: list[RemovableHandle] = []
+        self._own_rng: torch.Tensor | None = None
         if not enabled:
             return
         group = data_parallel_group
@@ -152,6 +161,7 @@ class Init:
             torch.nn.modules.module.register_module_module_registration_hook(part.on_module_registered),
             torch.nn.modules.module.register_module_parameter_registration_hook(part.on_parameter_registered),
         ]
+        self._own_rng = _adopt_rank0_generator(part.group, part.world)
         self._mode = InitMode(part)
         self._mode.__enter__()
         return self
@@ -166,8 +176,33 @@ class Init:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        own_rng, self._own_rng = self._own_rng, None
+        if own_rng is not None:
+            torch.set_rng_state(own_rng)
         if exc_type is None:
             self._partitioner.finish()
+
+
+# ---------------------------------------------------------------------- random stream
+def _adopt_rank0_generator(group: Any, world: int) -> torch.Tensor | None:
+    """Collective: draw the construction from rank 0's CPU generator; this rank's own state if it differed.
+
+    DeepSpeed gives every rank rank 0's initial values (a broadcast per parameter); the same values come
+    from every rank computing them from rank 0's random stream (one broadcast of the generator state).
+    Ranks seeded identically already share it and nothing changes; a rank that was not (the Hugging Face
+    ``from_pretrained`` path, whose values are overwritten from the checkpoint) gets its own generator
+    back on exit, so randomness after construction stays what the script set up.
+    """
+    if world == 1 or not comm.is_initialized():
+        return None
+    own = torch.get_rng_state()
+    rank0 = own.to(_collective_device(group), copy=True)
+    comm.broadcast(rank0, src=comm.global_rank(group, 0), group=group)
+    rank0 = rank0.cpu()
+    if torch.equal(own, rank0):
+        return None
+    torch.set_rng_state(rank0)
+    return own
 
 
 # ---------------------------------------------------------------------- arguments

@@ -19,6 +19,7 @@ from torch.overrides import TorchFunctionMode
 from deepshard import comm
 from deepshard.comm.host_shm import release_freed_heap
 from deepshard.precision.master import as_rows
+from deepshard.zero.init_gather import remember
 from deepshard.zero.layout import ShardSpec
 from deepshard.zero.shard_group import LOCAL_ROWS
 
@@ -32,6 +33,7 @@ _INIT_FUNCTIONS = frozenset(
         _init.kaiming_normal_, _init.orthogonal_, _init.sparse_,
     }
 )  # fmt: skip
+_INIT_NAMES = frozenset(f.__name__ for f in _INIT_FUNCTIONS)
 # in-place methods that overwrite every element (randomly or not): run on a materialised full tensor, so that
 # the random stream advances as in a normal construction and later writes in the same init code find it whole
 _FILLS = frozenset(
@@ -325,8 +327,9 @@ class Partitioner:
         for q in range(self.world):
             groups.setdefault(int(table[q, differs[0]]), []).append(q)
         raise RuntimeError(
-            "zero.Init: ranks built different initial values: seed them identically with torch.manual_seed "
-            f"before zero.Init. {len(differs)} of {n} partitioned parameters differ, the first being "
+            "zero.Init: ranks built different initial values, although the construction draws from rank 0's "
+            "torch generator: the difference comes from another source of randomness (seed Python's random "
+            f"and NumPy identically on every rank). {len(differs)} of {n} partitioned parameters differ, the first being "
             f"{first.describe()}; ranks with equal values: {sorted(groups.values())}."
         )
 
@@ -347,6 +350,7 @@ class Partitioner:
             if self.pin_memory and rows.device.type == "cpu":
                 rows = accel.pin_memory(rows)
             setattr(p, LOCAL_ROWS, rows)
+            remember(p, self.group)
         for p in whole:
             if not hasattr(p, LOCAL_ROWS) and p.is_floating_point() and p.dtype != self.dtype:
                 p.data = p.data.to(self.dtype)
@@ -382,7 +386,12 @@ class Partitioner:
     def handle(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         hits = [(t, e) for t in _tensors(args, kwargs) if (e := self.find(t)) is not None]
         if not hits:
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            if func in _UNINITIALISED and isinstance(out, torch.Tensor):
+                # undefined memory differs between ranks; a model built without initialisation (Hugging
+                # Face's from_pretrained fills it from the checkpoint afterwards) must agree all the same
+                out.zero_()
+            return out
         name = getattr(func, "__name__", "")
         owner = getattr(getattr(func, "__self__", None), "__name__", "")
         if name == "__set__" and owner == "data":
@@ -488,6 +497,10 @@ class Partitioner:
         return None
 
 
+_UNINITIALISED = frozenset({torch.empty, torch.empty_like, torch.empty_strided, torch.Tensor.new_empty})
+"""Allocators whose values are undefined: under ``zero.Init`` they return zeros (a valid undefined value)."""
+
+
 def _collective_device(group: Any) -> torch.device:
     backend = comm.get_backend(group) or "gloo"
     if "nccl" in backend:
@@ -516,7 +529,9 @@ def _classify(
     Kinds: ``fill`` (overwrites every element, maybe randomly), ``rows`` (elementwise update),
     ``setitem`` (indexed assignment), ``unsupported`` (any other in-place change).
     """
-    if func in _INIT_FUNCTIONS:
+    if func in _INIT_FUNCTIONS or (name in _INIT_NAMES and "tensor" in kwargs and not args):
+        # the second form: a torch.nn.init function replaced by a wrapper (transformers guards them with
+        # its own) dispatches to the mode under the wrapper's identity, its tensor passed by keyword
         return (args[0] if args else kwargs.get("tensor")), "fill"
     if name == "__setitem__":
         return args[0], "setitem"
