@@ -255,6 +255,8 @@ def test_unmodified_deepspeed_script_on_two_ranks(tmp_path):
 
 def test_hf_trainer_over_deepshard_matches_ddp_and_saves(tmp_path):
     # HF Trainer, unmodified, TrainingArguments(deepspeed={... "auto" ...}); HF's AdamW + linear schedule,
+    # ZeRO-2, ZeRO-3, ZeRO-3 from from_pretrained, ZeRO-3 + CPU offload interrupted at step 10 and resumed
+    # with resume_from_checkpoint; then greedy generate on every rank;
     # gradient accumulation 2, 20 steps, fp32 on 2 gloo ranks. ZeRO-2/3 vs the same Trainer on DDP: the same
     # reductions of the same fp32 gradients (sums of 2 ranks' means), so losses agree to fp32 rounding.
     pytest.importorskip("transformers")
@@ -271,7 +273,10 @@ def test_hf_trainer_over_deepshard_matches_ddp_and_saves(tmp_path):
     LlamaForCausalLM(config).save_pretrained(tmp_path / "start")
     results = {}
     runs = [("zero2", ["--stage", "2"]), ("zero3", ["--stage", "3"]), ("ddp", []),
-            ("zero3_loaded", ["--stage", "3", "--load", str(tmp_path / "start")])]  # fmt: skip
+            ("zero3_loaded", ["--stage", "3", "--load", str(tmp_path / "start")]),
+            ("zero3_offload_first10", ["--stage", "3", "--offload", "--stop_at", "10"]),
+            ("zero3_offload_resumed", ["--stage", "3", "--offload", "--resume",
+                                       str(tmp_path / "zero3_offload_first10.json.run" / "checkpoint-10")])]  # fmt: skip
     for label, extra in runs:
         out = tmp_path / f"{label}.json"
         done = subprocess.run(
@@ -283,11 +288,17 @@ def test_hf_trainer_over_deepshard_matches_ddp_and_saves(tmp_path):
         results[label] = json.loads(out.read_text())
     assert results["zero2"]["engine"] == results["zero3"]["engine"] == "deepshard.runtime.engine"
     assert results["ddp"]["engine"] == "torch.nn.parallel.distributed"
+    # the interrupted run and its resumption (a new process: one Trainer with DeepSpeed per process) together
+    first, rest = results.pop("zero3_offload_first10")["losses"], results["zero3_offload_resumed"]["losses"]
+    assert len(first) == 10 and len(rest) >= 10
+    results["zero3_offload_resumed"]["losses"] = first + rest[-10:]
     reference = results["ddp"]["losses"]
     assert len(reference) == 20
     # ZeRO-3 under from_pretrained: built partitioned (HfDeepSpeedConfig alive), then trained the same
     assert results["zero3_loaded"]["partitioned_at_load"] > 10 and results["zero3"]["partitioned_at_load"] == 0
-    for label in ("zero2", "zero3", "zero3_loaded"):
+    for label in ("zero2", "zero3", "zero3_loaded", "zero3_offload_resumed"):
+        # greedy generate after training, prompts of different lengths per rank: the same tokens as DDP's
+        assert results[label]["generated"] == results["ddp"]["generated"], label
         assert results[label]["losses"] == pytest.approx(reference, rel=1e-5), label
         # evaluate, then save_model (ZeRO-3: gathered on save) -> safetensors that from_pretrained reloads
         assert results[label]["eval_loss"] == pytest.approx(results["ddp"]["eval_loss"], rel=1e-5), label
