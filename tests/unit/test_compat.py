@@ -305,3 +305,42 @@ def test_hf_trainer_over_deepshard_matches_ddp_and_saves(tmp_path):
         norms, ddp_norms = results[label]["norms"], results["ddp"]["norms"]
         assert norms.keys() == ddp_norms.keys() and len(norms) > 10
         assert list(norms.values()) == pytest.approx(list(ddp_norms.values()), rel=1e-5), label
+
+
+def test_accelerate_deepspeed_plugin_matches_ddp(tmp_path):
+    # an Accelerate loop with Accelerator(deepspeed_plugin=DeepSpeedPlugin(zero_stage=N)), gradient
+    # accumulation 2, clipping 1.0, on 2 gloo ranks: under deepshard's launcher at ZeRO-2 and ZeRO-3, and
+    # under `accelerate launch --use_deepspeed` with the alias directory on PYTHONPATH; vs the same loop on
+    # DDP: the same fp32 reductions, so losses and final weights agree to fp32 rounding (1e-5 relative)
+    pytest.importorskip("accelerate")
+    from deepshard.compat import ALIAS_PATH
+
+    script = Path(__file__).resolve().parents[1] / "fixtures" / "hf" / "accelerate_loop.py"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["PYTHONPATH"] = SRC
+    alias = subprocess.run([sys.executable, "-m", "deepshard.compat"], env=env, capture_output=True, text=True)
+    assert alias.stdout.strip() == str(ALIAS_PATH)
+    ours = [sys.executable, "-m", "deepshard.launcher", "--num_procs", "2", "--as_deepspeed", "on"]
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--num_processes", "2",
+                  "--num_machines", "1", "--zero_stage", "2", "--gradient_accumulation_steps", "2"]  # fmt: skip
+    runs = {
+        "zero2": ([*ours, "--master_port", str(_free_port()), str(script), "--stage", "2"], SRC),
+        "zero3": ([*ours, "--master_port", str(_free_port()), str(script), "--stage", "3"], SRC),
+        "accelerate_launch_zero2": ([*accelerate, "--main_process_port", str(_free_port()), str(script),
+                                     "--stage", "2"], os.pathsep.join([str(ALIAS_PATH), SRC])),  # fmt: skip
+        "ddp": ([*ours[:-2], "--as_deepspeed", "off", "--master_port", str(_free_port()), str(script)], SRC),
+    }
+    results = {}
+    for label, (command, path) in runs.items():
+        out = tmp_path / f"{label}.json"
+        done = subprocess.run([*command, "--out", str(out)], env={**env, "PYTHONPATH": path}, capture_output=True,
+                              text=True, timeout=180, stdin=subprocess.DEVNULL)  # fmt: skip
+        assert done.returncode == 0, (label, done.stderr[-3000:])
+        results[label] = json.loads(out.read_text())
+    reference = results.pop("ddp")
+    assert reference["engine"] == "torch.nn.parallel.distributed" and len(reference["losses"]) == 8
+    for label, result in results.items():
+        assert result["engine"] == "deepshard.runtime.engine", label
+        assert result["losses"] == pytest.approx(reference["losses"], rel=1e-5), label
+        assert result["norms"].keys() == reference["norms"].keys(), label
+        assert list(result["norms"].values()) == pytest.approx(list(reference["norms"].values()), rel=1e-5), label
