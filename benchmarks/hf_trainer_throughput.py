@@ -47,8 +47,13 @@ def rank_main(stage: int, out: str) -> None:
         def on_step_end(self, args, state, control, **kwargs):
             self.times.append(time.perf_counter())
 
-    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-          "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": {"stage": stage}}
+    ds = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "zero_optimization": {"stage": stage},
+    }
     training = TrainingArguments(output_dir=f"{out}.run", per_device_train_batch_size=MICRO, max_steps=STEPS,
                                  learning_rate=1e-4, deepspeed=ds, report_to=[], use_cpu=True, ddp_backend="gloo",
                                  logging_steps=1000, save_strategy="no", seed=0, disable_tqdm=True,
@@ -85,14 +90,18 @@ def run(which: str, python: str, stage: int, out: str, port: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--deepspeed-python", required=True, help="python of an environment with DeepSpeed 0.19.8")
+    parser.add_argument(
+        "--deepspeed-python", required=True, help="python of an environment with DeepSpeed 0.19.8"
+    )
     parser.add_argument("--stage", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     found: dict[str, list[float]] = {"deepshard": [], "deepspeed": []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for i, which in enumerate(("deepshard", "deepspeed") if r % 2 == 0 else ("deepspeed", "deepshard")):
+            for i, which in enumerate(
+                ("deepshard", "deepspeed") if r % 2 == 0 else ("deepspeed", "deepshard")
+            ):
                 python = sys.executable if which == "deepshard" else args.deepspeed_python
                 result = run(which, python, args.stage, f"{tmp}/{which}{r}.json", 29700 + 10 * r + i)
                 found[which].append(result["tokens_per_s"])

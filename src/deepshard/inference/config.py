@@ -80,7 +80,8 @@ class TensorParallelConfig(StrictModel):
 
     enabled: bool = Field(default=True, description="Turn tensor parallelism on/off.")
     tp_size: Int = Field(
-        default=1, ge=1, description="Ranks the model is split across. deepshard runs `1` only (AutoTP is not built)."
+        default=1, ge=1, description="Ranks the model is split across by automatic tensor parallelism (Llama-family models, "
+        "`replace_with_kernel_inject: false`); see docs/inference.md."
     )
     tp_grain_size: Int = Field(
         default=64, gt=0, description="Granularity of MLP / LM-head splits (AutoTP); no effect at `tp_size: 1`."
@@ -244,10 +245,11 @@ def _check_supported(cfg: InferenceConfig) -> None:
             "dtype=int8 (DeepSpeed's MoQ int8 kernels) is not implemented by deepshard; keep a float dtype and "
             'quantize weights with quant.weight.post_init_quant, e.g. {"": {"num_bits": 8, "group_size": 64}}.'
         )
-    if cfg.tensor_parallel.enabled and cfg.tensor_parallel.tp_size != 1:
+    if cfg.tensor_parallel.enabled and cfg.tensor_parallel.tp_size != 1 and cfg.replace_with_kernel_inject:
         raise NotSupportedYetError(
-            f"tensor_parallel.tp_size={cfg.tensor_parallel.tp_size}: automatic tensor parallelism for inference is "
-            "not implemented yet; set tensor_parallel.tp_size to 1 to continue."
+            f"tensor_parallel.tp_size={cfg.tensor_parallel.tp_size} with replace_with_kernel_inject=true: the fused "
+            "layers are not split across ranks yet; use replace_with_kernel_inject=false (automatic tensor "
+            "parallelism of the Hugging Face model) or tp_size=1."
         )
     if cfg.zero.stage != 0:
         raise NotSupportedYetError(

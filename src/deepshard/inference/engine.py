@@ -1,6 +1,7 @@
 """``init_inference`` and :class:`InferenceEngine`: the model converted, optionally fused and quantized.
 
-The engine applies, in this order: dtype conversion, device placement, kernel injection
+The engine applies, in this order: dtype conversion, device placement, automatic tensor parallelism
+(``tensor_parallel.tp_size > 1``), kernel injection
 (``replace_with_kernel_inject``), weight-only quantization (``quant.weight.post_init_quant``, applied to
 the fused model when injected, else to the model). Called like the model; ``generate`` is greedy
 decoding over a preallocated KV cache when injected, Hugging Face's ``generate`` otherwise.
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from deepshard.accelerator import get_accelerator
+from deepshard.inference.autotp import auto_tp
 from deepshard.inference.config import InferenceConfig, load_inference_config, torch_dtype
 from deepshard.inference.generate import compact_prompts, greedy_generate, plan_greedy
 from deepshard.inference.model import FusedCausalLM
@@ -35,6 +37,10 @@ class InferenceEngine(nn.Module):
         model.to(torch_dtype(config.dtype))
         if not config.keep_module_on_host:
             model.to(get_accelerator().device())
+        tp = config.tensor_parallel
+        if tp.enabled and tp.tp_size > 1:
+            names = auto_tp(model, tp.tp_size, tp.tp_grain_size)
+            logger.info("automatic tensor parallelism over %d ranks: %d modules split", tp.tp_size, len(names))
         self.module = model
         self.fused: FusedCausalLM | None = inject(model) if config.replace_with_kernel_inject else None
         rules = config.quant.weight.post_init_quant
