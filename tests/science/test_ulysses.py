@@ -15,10 +15,13 @@ from deepshard.sequence import DistributedAttention, seq_all_to_all, split_sizes
 TOL = 1e-12
 
 
-@pytest.mark.parametrize("heads", [4, 5, 1])  # even, uneven (3 + 2), fewer heads than ranks (1 + 0)
-def test_two_ranks_equal_one_rank(heads, dist2):
+@pytest.mark.parametrize(
+    "heads,batch_first",
+    [(4, False), (5, False), (1, False), (5, True)],  # even, uneven (3 + 2), fewer heads than ranks (1 + 0)
+)
+def test_two_ranks_equal_one_rank(heads, batch_first, dist2):
     want = reference(heads)
-    results = dist2.run(ulysses, heads)
+    results = dist2.run(ulysses, heads, batch_first)
     for r in results:
         block = r["block"]
         torch.testing.assert_close(r["out"], want[0][block], rtol=0, atol=TOL)

@@ -34,11 +34,18 @@ def reference(heads: int) -> list[torch.Tensor]:
     return [out.detach(), *torch.autograd.grad(out, leaves, dout)]
 
 
-def ulysses(heads: int) -> dict[str, Any]:
+def sdpa_bshd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Local attention on the batch-first ``[b, s, h, d]`` layout."""
+    return sdpa_sbhd(*(x.transpose(0, 1) for x in (q, k, v))).transpose(0, 1)
+
+
+def ulysses(heads: int, batch_first: bool = False) -> dict[str, Any]:
     """This rank's block of the sequence through DistributedAttention: output, grads, bytes sent."""
     world, rank = comm.get_world_size(), comm.get_rank()
     block = slice(rank * SEQ // world, (rank + 1) * SEQ // world)
     q, k, v, dout = (x[block] for x in full_inputs(heads))
+    if batch_first:
+        q, k, v, dout = (x.transpose(0, 1) for x in (q, k, v, dout))
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     sent: list[int] = []
     original = comm.all_to_all_single
@@ -49,12 +56,17 @@ def ulysses(heads: int) -> dict[str, Any]:
 
     comm.all_to_all_single = counting  # type: ignore[assignment]  # counts this run's traffic only
     try:
-        attn = DistributedAttention(sdpa_sbhd, None, scatter_idx=2, gather_idx=0)
+        if batch_first:
+            attn = DistributedAttention(sdpa_bshd, None, scatter_idx=2, gather_idx=1)
+        else:
+            attn = DistributedAttention(sdpa_sbhd, None, scatter_idx=2, gather_idx=0)
         out = attn(*leaves)
         forward_bytes = sum(sent)
         grads = torch.autograd.grad(out, leaves, dout)
     finally:
         comm.all_to_all_single = original  # type: ignore[assignment]
+    if batch_first:  # back to [s, b, h, d] for the comparison
+        out, grads = out.transpose(0, 1), tuple(g.transpose(0, 1) for g in grads)
     return {
         "block": block,
         "out": out.detach(),
