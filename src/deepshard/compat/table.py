@@ -62,7 +62,7 @@ PATHS: Mapping[str, Entry | Refused] = MappingProxyType(
                 "DeepSpeedHybridEngine": Refused("the RLHF hybrid engine"),
             },
         ),
-        "ops": Entry(),
+        "ops": Entry(extends="deepshard.ops"),
         "ops.adam": Entry(
             names={
                 "DeepSpeedCPUAdam": "deepshard.runtime.optimizers:DeepSpeedCPUAdam",
