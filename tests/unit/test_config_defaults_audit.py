@@ -27,6 +27,14 @@ from deepshard.config import (
     OptimizerConfig,
     ZeroConfig,
 )
+from deepshard.config._observability import (
+    CometConfig,
+    CommsLoggerConfig,
+    CSVConfig,
+    FlopsProfilerConfig,
+    TensorBoardConfig,
+    WandbConfig,
+)
 from deepshard.config._schema import CheckpointConfig
 
 DEEPSPEED_0_19_8 = {
@@ -133,6 +141,38 @@ DEEPSPEED_0_19_8 = {
     'aio.single_submit': False,
     'aio.overlap_events': True,
     'aio.use_gds': False,
+    # deepspeed/monitor/config.py, profiling/constants.py, comm/constants.py (issue #22)
+    'tensorboard.enabled': False,
+    'tensorboard.output_path': '',
+    'tensorboard.job_name': 'DeepSpeedJobName',
+    'csv_monitor.enabled': False,
+    'csv_monitor.output_path': '',
+    'csv_monitor.job_name': 'DeepSpeedJobName',
+    'wandb.enabled': False,
+    'wandb.group': None,
+    'wandb.team': None,
+    'wandb.project': 'deepspeed',
+    'comet.enabled': False,
+    'comet.samples_log_interval': 100,
+    'comet.project': None,
+    'comet.workspace': None,
+    'comet.api_key': None,
+    'comet.experiment_name': None,
+    'comet.experiment_key': None,
+    'comet.online': None,
+    'comet.mode': None,
+    'flops_profiler.enabled': False,
+    'flops_profiler.recompute_fwd_factor': 0.0,
+    'flops_profiler.profile_step': 1,
+    'flops_profiler.module_depth': -1,
+    'flops_profiler.top_modules': 1,
+    'flops_profiler.detailed': True,
+    'flops_profiler.output_file': None,
+    'comms_logger.enabled': False,
+    'comms_logger.prof_all': True,
+    'comms_logger.prof_ops': [],
+    'comms_logger.verbose': False,
+    'comms_logger.debug': False,
 }
 
 SECTIONS: dict[str, type[BaseModel]] = {
@@ -146,6 +186,12 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "data_types.": DataTypesConfig,
     "checkpoint.": CheckpointConfig,
     "optimizer.": OptimizerConfig,
+    "tensorboard.": TensorBoardConfig,
+    "csv_monitor.": CSVConfig,
+    "wandb.": WandbConfig,
+    "comet.": CometConfig,
+    "flops_profiler.": FlopsProfilerConfig,
+    "comms_logger.": CommsLoggerConfig,
 }
 
 
