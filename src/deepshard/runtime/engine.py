@@ -34,6 +34,7 @@ from deepshard.comm.bucketing import broadcast_coalesced
 from deepshard.config import DeepShardConfig
 from deepshard.monitor import TrainingMonitor
 from deepshard.precision import LossScaler, PrecisionPolicy, loss_scaler_from_config
+from deepshard.profiling.flops_profiler import FlopsProfiler
 from deepshard.runtime.dataloader import DeepShardDataLoader
 from deepshard.runtime.lr_schedules import build_lr_scheduler, write_current_lr
 from deepshard.runtime.optimizers import build_optimizer
@@ -140,6 +141,8 @@ class DeepShardEngine(torch.nn.Module):
         # observability (deepshard.monitor, deepshard.profiling): monitors, phase timers, flops profiler
         self.monitor = TrainingMonitor(config, self.device, self.dp_group)
         self._timers = self.monitor.timers
+        fp = config.flops_profiler
+        self.flops_profiler = FlopsProfiler(model, self, fp.recompute_fwd_factor) if fp.enabled else None
         log_dist(
             f"engine ready: world={self.dp_world_size} params={sum(p.numel() for p in params):,} "
             f"dtype={self.precision.param_dtype} micro_batch={self.train_micro_batch_size_per_gpu()} "
@@ -306,9 +309,14 @@ class DeepShardEngine(torch.nn.Module):
         if self._config.fp16.enabled and self._config.fp16.auto_cast:
             args, kwargs = _cast_floating((args, kwargs), torch.float16)
         self.monitor.on_forward(args, kwargs)
+        profiling = self._flops_profiler_active() and self.module.training
+        if profiling:
+            self.flops_profiler.start_profile()  # type: ignore[union-attr]
         start = time.perf_counter()
         out = self.module(*args, **kwargs)
         self._timers.add("forward", time.perf_counter() - start)
+        if profiling:
+            self.flops_profiler.stop_profile()  # type: ignore[union-attr]
         return out
 
     def backward(self, loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True) -> torch.Tensor:
@@ -348,14 +356,29 @@ class DeepShardEngine(torch.nn.Module):
         start = time.perf_counter()
         self._step_applied = False
         boundary = self.is_gradient_accumulation_boundary()
+        profiling = boundary and self._flops_profiler_active()
         if boundary:
             if self.optimizer is None:
                 raise ValueError("step() needs an optimizer: pass optimizer= to initialize() or add an 'optimizer' section")
             self._take_model_step(lr_kwargs)
         self.micro_steps += 1
         self._timers.add("step", time.perf_counter() - start)
+        if profiling:
+            fp = self._config.flops_profiler
+            self.flops_profiler.print_model_profile(  # type: ignore[union-attr]
+                fp.profile_step, fp.module_depth, fp.top_modules, fp.detailed, fp.output_file
+            )
+            self.flops_profiler.end_profile()  # type: ignore[union-attr]
         if boundary:
             self.monitor.on_step(self)
+
+    def _flops_profiler_active(self) -> bool:
+        """DeepSpeed's rule: the flops profiler profiles step ``profile_step`` on global rank 0."""
+        return (
+            self.flops_profiler is not None
+            and self.global_steps == self._config.flops_profiler.profile_step
+            and self.global_rank == 0
+        )
 
     def _take_model_step(self, lr_kwargs: dict[str, Any] | None) -> None:
         assert self.optimizer is not None
