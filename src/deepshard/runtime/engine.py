@@ -34,6 +34,7 @@ from deepshard.comm.bucketing import broadcast_coalesced
 from deepshard.config import DeepShardConfig
 from deepshard.monitor import TrainingMonitor
 from deepshard.precision import LossScaler, PrecisionPolicy, loss_scaler_from_config
+from deepshard.profiling import comms_logger
 from deepshard.profiling.flops_profiler import FlopsProfiler
 from deepshard.runtime.dataloader import DeepShardDataLoader
 from deepshard.runtime.lr_schedules import build_lr_scheduler, write_current_lr
@@ -143,6 +144,8 @@ class DeepShardEngine(torch.nn.Module):
         self._timers = self.monitor.timers
         fp = config.flops_profiler
         self.flops_profiler = FlopsProfiler(model, self, fp.recompute_fwd_factor) if fp.enabled else None
+        if config.comms_logger.enabled:
+            comms_logger.configure(config)  # the process's logger observes deepshard.comm (DeepSpeed's rule)
         log_dist(
             f"engine ready: world={self.dp_world_size} params={sum(p.numel() for p in params):,} "
             f"dtype={self.precision.param_dtype} micro_batch={self.train_micro_batch_size_per_gpu()} "
@@ -475,6 +478,8 @@ class DeepShardEngine(torch.nn.Module):
         self.partition.remove_hooks()
         self.partition.close()
         self.monitor.close()
+        if self._config.comms_logger.enabled:
+            comms_logger.comms_logger.set_enabled(False)
 
     # ------------------------------------------------------------------ checkpoints (logic in deepshard.checkpoint)
     def _checkpoint_io(self) -> Any:
