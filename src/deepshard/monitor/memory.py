@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import resource
-import sys
-
 import psutil
 import torch
+
+from deepshard.accelerator import peak_rss_bytes
 
 
 def current_and_peak_bytes(device: torch.device) -> tuple[int, int]:
@@ -14,6 +13,4 @@ def current_and_peak_bytes(device: torch.device) -> tuple[int, int]:
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device)
     rss = psutil.Process().memory_info().rss
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak *= 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
-    return rss, max(peak, rss)
+    return rss, max(peak_rss_bytes(), rss)
