@@ -192,3 +192,16 @@ def test_two_ranks_rank0_writes_memory_of_each_rank(dist2, tmp_path):
     # only rank 0 wrote: each file holds exactly one header and 3 rows
     with open(job / "Train_Samples_lr.csv") as handle:
         assert len(handle.read().splitlines()) == 4
+
+
+def test_plot_from_csv_monitor_output(monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    from deepshard.launcher.cli import main as cli
+
+    single(monkeypatch, tmp_path)
+    train_tiny({"csv_monitor": {"enabled": True, "output_path": "logs"}})
+    assert cli(["plot", "logs/DeepSpeedJobName", "--out", "png"]) == 0
+    for name in ("loss.png", "throughput.png", "memory.png"):
+        assert (tmp_path / "png" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    with pytest.raises(SystemExit, match="no Train_Samples_"):
+        cli(["plot", str(tmp_path), "--out", "png"])

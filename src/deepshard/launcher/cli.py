@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, str] = {
     "report": "deepshard.launcher.report:main",
     "convert": "deepshard.checkpoint.convert:main",
     "estimate": "deepshard.profiling.estimate_cli:main",
+    "plot": "deepshard.monitor.plot:main",
 }
 
 
