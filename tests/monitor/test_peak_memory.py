@@ -73,7 +73,7 @@ def test_cli_json(capsys) -> None:
     rows = json.loads(capsys.readouterr().out)
     assert [r["stage"] for r in rows] == [0, 1, 2, 3]
     for r in rows:
-        parts = ("baseline", "parameters", "gradients", "master_weights", "optimizer_states", "reduce_buffers",
+        parts = ("baseline", "initial_model", "parameters", "gradients", "master_weights", "optimizer_states", "reduce_buffers",
                  "activations", "temporaries")  # fmt: skip
         assert r["total"] == sum(r[k] for k in parts) and r["baseline"] == 100 * 2**20
     assert rows[0]["optimizer_states"] > rows[1]["optimizer_states"]

@@ -9,6 +9,10 @@ The peak of one rank is predicted as the sum of
   ``stage3_param_persistence_threshold`` are sharded, ``p·Ψ_sharded/N``), gradients ``p·Ψ`` (stages 0-1) or ``p·Ψ/N``
   (2-3), fp32 master weights (none for fp32 training: the optimizer steps the parameters; else
   ``4Ψ`` at stage 0, ``4Ψ/N`` above), Adam's two fp32 moments ``8Ψ`` (stage 0) or ``8Ψ/N``;
+* the model as the script built it (``4Ψ``: fp32, before ``initialize``): the engine copies the
+  parameters into its own flat buffers and frees the originals, but the host allocator keeps those
+  pages resident (glibc raises its mmap threshold to the size of freed blocks, so later large
+  tensors are mapped fresh instead of reusing them); measured by RSS, it stays part of the peak;
 * gradient-reduction buffers of stages 2-3: one bucket of ``min(reduce_bucket_size, Ψ)`` elements in
   the gradient dtype and the scratch buffer of the same size the host reduce-scatter uses;
 * activations and temporaries at the peak of one micro-batch's forward and backward, traced with
@@ -66,6 +70,7 @@ class PeakEstimate:
     stage: int
     world_size: int
     baseline: int
+    initial_model: int
     parameters: int
     gradients: int
     master_weights: int
@@ -82,7 +87,10 @@ class PeakEstimate:
     @property
     def total(self) -> int:
         """The predicted peak per rank."""
-        return self.baseline + self.model_states + self.reduce_buffers + self.activations + self.temporaries
+        return (
+            self.baseline + self.initial_model + self.model_states + self.reduce_buffers + self.activations
+            + self.temporaries
+        )  # fmt: skip
 
     def as_dict(self) -> dict[str, Any]:
         """The components and the total, in bytes."""
@@ -206,6 +214,7 @@ def estimate_peak(
         stage=stage,
         world_size=world_size,
         baseline=measure_baseline() if baseline is None else baseline,
+        initial_model=4 * num_params,
         reduce_buffers=reduce,
         activations=act,
         temporaries=temp,
@@ -219,6 +228,7 @@ def format_table(estimates: list[PeakEstimate]) -> str:
         "stage",
         "ranks",
         "baseline",
+        "built",
         "params",
         "grads",
         "master",
@@ -230,7 +240,7 @@ def format_table(estimates: list[PeakEstimate]) -> str:
     )
     lines = [" ".join(f"{c:>9}" for c in cols) + "  (MiB)"]
     for e in estimates:
-        values = (e.baseline, e.parameters, e.gradients, e.master_weights, e.optimizer_states, e.reduce_buffers,
+        values = (e.baseline, e.initial_model, e.parameters, e.gradients, e.master_weights, e.optimizer_states, e.reduce_buffers,
                   e.activations, e.temporaries, e.total)  # fmt: skip
         lines.append(f"{e.stage:>9} {e.world_size:>9} " + " ".join(f"{v / MiB:>9.1f}" for v in values))
     return "\n".join(lines)
