@@ -40,10 +40,10 @@ def engine_memory(stage: int, bf16: bool) -> dict[str, int]:
     return out
 
 
-@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-def test_model_states_equal_the_engines(dist2, bf16) -> None:
+@pytest.mark.parametrize(("bf16", "stages"), [(False, (0, 1, 2, 3)), (True, (0, 2))], ids=["fp32", "bf16"])
+def test_model_states_equal_the_engines(dist2, bf16, stages) -> None:
     world = 2
-    for stage in (0, 1, 2, 3):
+    for stage in stages:
         got = dist2.run(engine_memory, stage, bf16)[0]
         want = model_state_bytes(got["numel"], stage, world, 2 if bf16 else 4)
         # The formula counts Ψ/N per shard; the engine also pads each tensor to its shard layout and
