@@ -28,6 +28,7 @@ from deepshard.config import (
     ZeroConfig,
 )
 from deepshard.config._observability import (
+    AutotuningConfig,
     CometConfig,
     CommsLoggerConfig,
     CSVConfig,
@@ -173,6 +174,28 @@ DEEPSPEED_0_19_8 = {
     'comms_logger.prof_ops': [],
     'comms_logger.verbose': False,
     'comms_logger.debug': False,
+    # deepspeed/autotuning/constants.py
+    'autotuning.enabled': False,
+    'autotuning.fast': True,
+    'autotuning.results_dir': 'autotuning_results',
+    'autotuning.exps_dir': 'autotuning_exps',
+    'autotuning.overwrite': True,
+    'autotuning.start_profile_step': 3,
+    'autotuning.end_profile_step': 5,
+    'autotuning.metric_path': None,
+    'autotuning.tuner_type': 'gridsearch',
+    'autotuning.tuner_early_stopping': 5,
+    'autotuning.tuner_num_trials': 50,
+    'autotuning.arg_mappings': None,
+    'autotuning.max_train_batch_size': None,
+    'autotuning.min_train_batch_size': 1,
+    'autotuning.max_train_micro_batch_size_per_gpu': 1024,
+    'autotuning.min_train_micro_batch_size_per_gpu': 1,
+    'autotuning.num_tuning_micro_batch_sizes': 3,
+    'autotuning.mp_size': 1,
+    'autotuning.metric': 'throughput',
+    'autotuning.model_info_path': None,
+    'autotuning.model_info': None,
 }
 
 SECTIONS: dict[str, type[BaseModel]] = {
@@ -192,6 +215,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "comet.": CometConfig,
     "flops_profiler.": FlopsProfilerConfig,
     "comms_logger.": CommsLoggerConfig,
+    "autotuning.": AutotuningConfig,
 }
 
 

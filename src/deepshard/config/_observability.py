@@ -8,9 +8,11 @@ Keys and defaults are DeepSpeed 0.19.8's: ``deepspeed/monitor/config.py`` (``ten
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 from pydantic import Field
 
-from deepshard.config._types import Float, Int, StrictModel
+from deepshard.config._types import Float, Int, StrictModel, Unsupported, equals, unsupported
 
 
 class _FilesConfig(StrictModel):
@@ -104,3 +106,56 @@ class CommsLoggerConfig(StrictModel):
     )
     verbose: bool = Field(default=False, description="Log each collective as it completes (rank 0).")
     debug: bool = Field(default=False, description="Record under `<op> | [caller: <function>]` names.")
+
+
+class AutotuningConfig(StrictModel):
+    """``autotuning``: the search ``deepshard --autotuning {tune,run}`` runs (DeepSpeed 0.19.8's keys).
+
+    deepshard searches ZeRO stage x micro-batch with short timed runs; the other tuner knobs of
+    DeepSpeed are accepted at their defaults only (see `NOT_SUPPORTED`).
+    """
+
+    NOT_SUPPORTED: ClassVar[dict[str, Unsupported]] = {
+        "tuner_type": unsupported("the model-based and random tuners", equals("gridsearch")),
+        "mp_size": unsupported("model-parallel size of the tuned job", equals(1)),
+        "model_info": unsupported("model facts given to the tuner", equals(None)),
+        "model_info_path": unsupported("a file of model facts for the tuner", equals(None)),
+        "arg_mappings": unsupported(
+            "mapping of config keys to the script's command-line flags", equals(None)
+        ),
+        "max_train_batch_size": unsupported("a bound on the global batch size", equals(None)),
+        "min_train_batch_size": unsupported("a bound on the global batch size", equals(1)),
+    }
+
+    enabled: bool = Field(default=False, description="Whether the autotuner may run this config.")
+    fast: bool = Field(default=True, description="Accepted; deepshard's search is always the short one.")
+    results_dir: str = Field(
+        default="autotuning_results", description="Where the results table and best config go."
+    )
+    exps_dir: str = Field(
+        default="autotuning_exps", description="Where each experiment's config and metrics go."
+    )
+    overwrite: bool = Field(default=True, description="Run an experiment again even if its metrics exist.")
+    start_profile_step: Int = Field(default=3, ge=0, description="First optimizer step of the timed window.")
+    end_profile_step: Int = Field(
+        default=5, gt=0, description="Last optimizer step of the window; the run stops after it."
+    )
+    metric: Literal["throughput", "latency"] = Field(
+        default="throughput", description="What is optimised: samples/s (higher) or step latency (lower)."
+    )
+    metric_path: str | None = Field(
+        default=None, description="Where a run writes its metrics (set by the tuner)."
+    )
+    tuner_early_stopping: Int = Field(
+        default=5, gt=0, description="Stop a stage's search after this many experiments without improvement."
+    )
+    tuner_num_trials: Int = Field(default=50, gt=0, description="At most this many experiments in all.")
+    max_train_micro_batch_size_per_gpu: Int = Field(
+        default=1024, gt=0, description="Largest micro-batch tried."
+    )
+    min_train_micro_batch_size_per_gpu: Int = Field(
+        default=1, gt=0, description="Smallest micro-batch tried."
+    )
+    num_tuning_micro_batch_sizes: Int = Field(
+        default=3, gt=0, description="Micro-batch sizes tried per stage (doubling from the smallest)."
+    )

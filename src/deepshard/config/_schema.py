@@ -15,6 +15,7 @@ from typing import Annotated, Any, ClassVar
 from pydantic import BeforeValidator, Field, PrivateAttr
 
 from deepshard.config._observability import (
+    AutotuningConfig,
     CometConfig,
     CommsLoggerConfig,
     CSVConfig,
@@ -184,6 +185,9 @@ class DeepShardConfig(StrictModel):
     )
     comms_logger: CommsLoggerConfig = Field(
         default=CommsLoggerConfig(), description="The communication logger; see `comms_logger`."
+    )
+    autotuning: AutotuningConfig = Field(
+        default=AutotuningConfig(), description="The autotuner's search; see `autotuning` and docs/observability.md."
     )
 
     _raw: Mapping[str, Any] = PrivateAttr(default_factory=lambda: MappingProxyType({}))

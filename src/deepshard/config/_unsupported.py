@@ -31,7 +31,6 @@ TOP_LEVEL_NOT_SUPPORTED: dict[str, Unsupported] = {
         "activation checkpointing options", all_defaults(_ACTIVATION_CHECKPOINTING_DEFAULTS)
     ),
     "amp": unsupported("NVIDIA Apex AMP mixed precision", switched_off()),
-    "autotuning": unsupported("the DeepSpeed autotuner", switched_off()),
     "compile": unsupported("DeepCompile compiler passes", empty()),
     "compression_training": unsupported("the compression toolkit", empty()),
     "curriculum_learning": unsupported("legacy curriculum learning", switched_off()),

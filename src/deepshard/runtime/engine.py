@@ -30,6 +30,7 @@ from torch.utils.data import Dataset, Sampler
 
 from deepshard import comm
 from deepshard.accelerator import get_accelerator
+from deepshard.autotuning.experiment import ExperimentRecorder
 from deepshard.comm.bucketing import broadcast_coalesced
 from deepshard.config import DeepShardConfig
 from deepshard.monitor import TrainingMonitor
@@ -144,6 +145,7 @@ class DeepShardEngine(torch.nn.Module):
         self._timers = self.monitor.timers
         fp = config.flops_profiler
         self.flops_profiler = FlopsProfiler(model, self, fp.recompute_fwd_factor) if fp.enabled else None
+        self._autotuning = ExperimentRecorder.from_env(config)  # set only inside an autotuning experiment
         if config.comms_logger.enabled:
             comms_logger.configure(config)  # the process's logger observes deepshard.comm (DeepSpeed's rule)
         log_dist(
@@ -374,6 +376,8 @@ class DeepShardEngine(torch.nn.Module):
             self.flops_profiler.end_profile()  # type: ignore[union-attr]
         if boundary:
             self.monitor.on_step(self)
+            if self._autotuning is not None:
+                self._autotuning.on_step(self)
 
     def _flops_profiler_active(self) -> bool:
         """DeepSpeed's rule: the flops profiler profiles step ``profile_step`` on global rank 0."""
