@@ -151,8 +151,8 @@ def test_unknown_key_without_suggestion() -> None:
 @pytest.mark.parametrize(
     ("key", "value"),
     [
-        ("flops_profiler", {"enabled": True}),
-        ("tensorboard", {"enabled": True, "output_path": "x"}),
+        ("eigenvalue", {"enabled": True}),
+        ("nebula", {"enabled": True, "persistent_storage_path": "x"}),
         ("activation_checkpointing", {"partition_activations": True}),
         ("pipeline", {"stages": 2}),
         ("sparse_gradients", True),
@@ -169,8 +169,8 @@ def test_unsupported_top_level_keys(key: str, value: object) -> None:
 @pytest.mark.parametrize(
     ("key", "value"),
     [
-        ("flops_profiler", {"enabled": False, "profile_step": 5}),
-        ("wandb", {}),
+        ("eigenvalue", {"enabled": False, "max_iter": 5}),
+        ("nebula", {}),
         ("activation_checkpointing", {"partition_activations": False, "number_checkpoints": None}),
         ("sparse_gradients", False),
         ("gradient_allreduce_op", "mean"),

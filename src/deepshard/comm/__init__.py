@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import functools
 import os
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -41,7 +43,47 @@ __all__ = [
     "all_to_all_single",
     "new_group",
     "destroy_process_group",
+    "set_collective_observer",
 ]
+
+# --- observing collectives (the comms logger) -------------------------------------------------------
+# An observer is called instead of each collective below as ``observer(name, fn, args, kwargs)`` and
+# must call ``fn(*args, **kwargs)`` itself and return its result. With none installed (the default)
+# a collective costs one extra Python call and a global read; see deepshard.profiling.comms_logger.
+CollectiveObserver = Callable[[str, Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
+_observer: CollectiveObserver | None = None
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def set_collective_observer(observer: CollectiveObserver | None) -> CollectiveObserver | None:
+    """Install ``observer`` (``None`` removes it) for every collective of this module; returns the previous one."""
+    global _observer
+    previous, _observer = _observer, observer
+    return previous
+
+
+def _observed(fn: _F) -> _F:
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    def collective(*args: Any, **kwargs: Any) -> Any:
+        observer = _observer
+        if observer is None:
+            return fn(*args, **kwargs)
+        return observer(name, fn, args, kwargs)
+
+    return collective  # type: ignore[return-value]
+
+
+def __getattr__(name: str) -> Any:
+    """DeepSpeed's comms-logger API (``configure``, ``log_summary``, ``comms_logger``), served lazily by
+    :mod:`deepshard.profiling.comms_logger` so that this layer imports nothing above it."""
+    if name in ("configure", "log_summary", "comms_logger"):
+        from deepshard.profiling import comms_logger
+
+        return getattr(comms_logger, name)
+    raise AttributeError(f"module 'deepshard.comm' has no attribute {name!r}")
+
 
 DEFAULT_PORT = 29500
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
@@ -162,12 +204,14 @@ def get_backend(group: Any = None) -> str | None:
     return str(dist.get_backend(group)) if is_initialized() else None
 
 
+@_observed
 def barrier(group: Any = None) -> None:
     """Wait for every rank of ``group``."""
     if is_initialized():
         dist.barrier(group=group)
 
 
+@_observed
 def all_reduce(
     tensor: torch.Tensor, op: Any = ReduceOp.SUM, group: Any = None, async_op: bool = False
 ) -> Any:
@@ -177,6 +221,7 @@ def all_reduce(
     return None
 
 
+@_observed
 def broadcast(tensor: torch.Tensor, src: int, group: Any = None, async_op: bool = False) -> Any:
     """Broadcast ``tensor`` from global rank ``src``."""
     if is_initialized():
@@ -184,6 +229,7 @@ def broadcast(tensor: torch.Tensor, src: int, group: Any = None, async_op: bool 
     return None
 
 
+@_observed
 def all_gather(
     tensor_list: list[torch.Tensor], tensor: torch.Tensor, group: Any = None, async_op: bool = False
 ) -> Any:
@@ -199,6 +245,7 @@ _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_i
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+@_observed
 def all_gather_into_tensor(
     output: torch.Tensor, tensor: torch.Tensor, group: Any = None, async_op: bool = False
 ) -> Any:
@@ -215,6 +262,7 @@ def all_gather_into_tensor(
     return None
 
 
+@_observed
 def reduce_scatter_tensor(
     output: torch.Tensor,
     tensor: torch.Tensor,
@@ -243,6 +291,7 @@ def reduce_scatter_needs_scratch(tensor: torch.Tensor, group: Any = None) -> boo
     return is_initialized() and host_collectives.serves(tensor, group)
 
 
+@_observed
 def all_to_all_single(
     output: torch.Tensor, tensor: torch.Tensor, group: Any = None, async_op: bool = False
 ) -> Any:

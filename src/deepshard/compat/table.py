@@ -46,7 +46,7 @@ class Entry:
 DEEPSPEED_API_VERSION = "0.19.8"
 """The DeepSpeed release whose API, config keys and defaults deepshard follows."""
 
-_ZERO3_MEM = "ZeRO-3 memory estimators"
+_MEM = "deepshard.profiling.memory_estimators"
 _SPARSE = Refused("block-sparse attention kernels (DeepSpeed's Triton sparse attention)")
 _ONEBIT = Refused("communication-compressed 1-bit optimizers", "use Adam, AdamW or Lamb")
 
@@ -110,13 +110,14 @@ PATHS: Mapping[str, Entry | Refused] = MappingProxyType(
         ),
         "runtime.zero.stage3": Entry(
             names={
-                "estimate_zero3_model_states_mem_needs_all_live": Refused(_ZERO3_MEM),
-                "estimate_zero3_model_states_mem_needs_all_cold": Refused(_ZERO3_MEM),
+                f"estimate_zero3_model_states_mem_needs{end}": f"{_MEM}:estimate_zero3_model_states_mem_needs{end}"
+                for end in ("", "_all_live", "_all_cold")
             }
         ),
         "runtime.zero.stage_1_and_2": Entry(
             names={
-                "estimate_zero2_model_states_mem_needs_all_live": Refused("ZeRO-2 memory estimators"),
+                f"estimate_zero2_model_states_mem_needs{end}": f"{_MEM}:estimate_zero2_model_states_mem_needs{end}"
+                for end in ("", "_all_live", "_all_cold")
             }
         ),
         "runtime.zero.config": Entry(names={"DeepSpeedZeroConfig": "deepshard.config:ZeroConfig"}),
@@ -193,8 +194,6 @@ PATHS: Mapping[str, Entry | Refused] = MappingProxyType(
         ),
         "module_inject": Refused("kernel injection and AutoTP (deepspeed.module_inject)"),
         "compression": Refused("the compression toolkit"),
-        "profiling": Refused("the FLOPs profiler"),
-        "autotuning": Refused("the DeepSpeed autotuner"),
         "elasticity": Refused("elastic training (removed in DeepSpeed 0.19)"),
         "runtime.comm": Entry(),
         "runtime.comm.coalesced_collectives": Refused("DeepSpeed's coalesced collectives"),

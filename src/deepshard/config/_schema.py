@@ -14,6 +14,15 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import BeforeValidator, Field, PrivateAttr
 
+from deepshard.config._observability import (
+    AutotuningConfig,
+    CometConfig,
+    CommsLoggerConfig,
+    CSVConfig,
+    FlopsProfilerConfig,
+    TensorBoardConfig,
+    WandbConfig,
+)
 from deepshard.config._precision import BF16Config, DataTypesConfig, FP16Config
 from deepshard.config._types import (
     DType,
@@ -110,7 +119,9 @@ class DeepShardConfig(StrictModel):
         "its docs, say `10`); deepshard follows the source.",
     )
     wall_clock_breakdown: bool = Field(
-        default=False, description="Time the forward, backward and step phases."
+        default=False,
+        description="Time the forward, backward (inner and gradient-reduction parts) and step phases of each "
+        "optimizer step; logged on rank 0 and written to the enabled monitors.",
     )
     memory_breakdown: bool = Field(default=False, description="Log memory use at each phase.")
     gradient_clipping: Float = Field(
@@ -163,6 +174,21 @@ class DeepShardConfig(StrictModel):
         default=CheckpointConfig(), description="Checkpoint writing; see `checkpoint`."
     )
     aio: AioConfig = Field(default=AioConfig(), description="Asynchronous IO of the NVMe tier; see `aio`.")
+    tensorboard: TensorBoardConfig = Field(
+        default=TensorBoardConfig(), description="TensorBoard monitor; see `tensorboard` and docs/observability.md."
+    )
+    wandb: WandbConfig = Field(default=WandbConfig(), description="Weights & Biases monitor; see `wandb`.")
+    csv_monitor: CSVConfig = Field(default=CSVConfig(), description="CSV monitor; see `csv_monitor`.")
+    comet: CometConfig = Field(default=CometConfig(), description="Comet monitor; see `comet`.")
+    flops_profiler: FlopsProfilerConfig = Field(
+        default=FlopsProfilerConfig(), description="The flops profiler; see `flops_profiler`."
+    )
+    comms_logger: CommsLoggerConfig = Field(
+        default=CommsLoggerConfig(), description="The communication logger; see `comms_logger`."
+    )
+    autotuning: AutotuningConfig = Field(
+        default=AutotuningConfig(), description="The autotuner's search; see `autotuning` and docs/observability.md."
+    )
 
     _raw: Mapping[str, Any] = PrivateAttr(default_factory=lambda: MappingProxyType({}))
     _dp_world_size: int = PrivateAttr(default=1)

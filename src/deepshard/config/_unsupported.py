@@ -31,12 +31,8 @@ TOP_LEVEL_NOT_SUPPORTED: dict[str, Unsupported] = {
         "activation checkpointing options", all_defaults(_ACTIVATION_CHECKPOINTING_DEFAULTS)
     ),
     "amp": unsupported("NVIDIA Apex AMP mixed precision", switched_off()),
-    "autotuning": unsupported("the DeepSpeed autotuner", switched_off()),
-    "comet": unsupported("logging to Comet", switched_off()),
-    "comms_logger": unsupported("communication logging", switched_off()),
     "compile": unsupported("DeepCompile compiler passes", empty()),
     "compression_training": unsupported("the compression toolkit", empty()),
-    "csv_monitor": unsupported("logging to CSV files", switched_off()),
     "curriculum_learning": unsupported("legacy curriculum learning", switched_off()),
     "data_efficiency": unsupported(
         "data sampling and routing (curriculum learning, random-LTD)", switched_off()
@@ -50,7 +46,6 @@ TOP_LEVEL_NOT_SUPPORTED: dict[str, Unsupported] = {
     "eigenvalue": unsupported("eigenvalue computation for quantisation", switched_off()),
     "elasticity": unsupported("elastic training (batch size chosen from the GPU count)", switched_off()),
     "expert_parallel": unsupported("AutoEP expert parallelism for MoE models", switched_off()),
-    "flops_profiler": unsupported("the FLOPs profiler", switched_off()),
     "gradient_allreduce_op": unsupported("averaging (`mean`) or summing (`sum`) gradients", equals("mean")),
     "graph_harvesting": unsupported("CUDA graph capture of short kernel sequences", equals(False)),
     "hybrid_engine": unsupported("the RLHF hybrid training/inference engine", switched_off()),
@@ -69,11 +64,9 @@ TOP_LEVEL_NOT_SUPPORTED: dict[str, Unsupported] = {
     "sparse_attention": unsupported("block-sparse attention kernels", empty()),
     "sparse_gradients": unsupported("CSR sparse gradients for embeddings", equals(False)),
     "tensor_parallel": unsupported("AutoTP tensor parallelism", all_defaults({"autotp_size": 0})),
-    "tensorboard": unsupported("logging to TensorBoard", switched_off()),
     "timers": unsupported("throughput timers", empty()),
     "torch_autocast": unsupported("torch.autocast mixed precision", switched_off()),
     "use_data_before_expert_parallelism": unsupported("data/expert parallel group ordering", equals(False)),
     "vocabulary_size": unsupported("a hint used only for a tensor-core alignment warning", equals(None)),
-    "wandb": unsupported("logging to Weights & Biases", switched_off()),
     "weight_quantization": unsupported("weight quantisation for inference", empty()),
 }

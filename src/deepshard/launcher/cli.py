@@ -15,6 +15,8 @@ import sys
 SUBCOMMANDS: dict[str, str] = {
     "report": "deepshard.launcher.report:main",
     "convert": "deepshard.checkpoint.convert:main",
+    "estimate": "deepshard.profiling.estimate_cli:main",
+    "plot": "deepshard.monitor.plot:main",
 }
 
 
@@ -22,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``deepshard`` console script and of ``python -m deepshard.launcher``."""
     argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=logging.INFO, format="deepshard: %(message)s")
+    if any(a == "--autotuning" or a.startswith("--autotuning=") for a in argv):
+        from deepshard.autotuning.tuner import main as autotune
+
+        return autotune(argv)
     if argv and argv[0] in SUBCOMMANDS:
         module_name, _, function = SUBCOMMANDS[argv[0]].partition(":")
         command = getattr(importlib.import_module(module_name), function)

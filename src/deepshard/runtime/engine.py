@@ -30,9 +30,13 @@ from torch.utils.data import Dataset, Sampler
 
 from deepshard import comm
 from deepshard.accelerator import get_accelerator
+from deepshard.autotuning.experiment import ExperimentRecorder
 from deepshard.comm.bucketing import broadcast_coalesced
 from deepshard.config import DeepShardConfig
+from deepshard.monitor import TrainingMonitor
 from deepshard.precision import LossScaler, PrecisionPolicy, loss_scaler_from_config
+from deepshard.profiling import comms_logger
+from deepshard.profiling.flops_profiler import FlopsProfiler
 from deepshard.runtime.dataloader import DeepShardDataLoader
 from deepshard.runtime.lr_schedules import build_lr_scheduler, write_current_lr
 from deepshard.runtime.optimizers import build_optimizer
@@ -136,7 +140,14 @@ class DeepShardEngine(torch.nn.Module):
         self._inside_no_sync = False
         self._step_applied = False
         self._global_grad_norm: float | None = None
-        self._timers: dict[str, float] = {"forward": 0.0, "backward": 0.0, "step": 0.0}
+        # observability (deepshard.monitor, deepshard.profiling): monitors, phase timers, flops profiler
+        self.monitor = TrainingMonitor(config, self.device, self.dp_group)
+        self._timers = self.monitor.timers
+        fp = config.flops_profiler
+        self.flops_profiler = FlopsProfiler(model, self, fp.recompute_fwd_factor) if fp.enabled else None
+        self._autotuning = ExperimentRecorder.from_env(config)  # set only inside an autotuning experiment
+        if config.comms_logger.enabled:
+            comms_logger.configure(config)  # the process's logger observes deepshard.comm (DeepSpeed's rule)
         log_dist(
             f"engine ready: world={self.dp_world_size} params={sum(p.numel() for p in params):,} "
             f"dtype={self.precision.param_dtype} micro_batch={self.train_micro_batch_size_per_gpu()} "
@@ -302,9 +313,15 @@ class DeepShardEngine(torch.nn.Module):
         """Run the wrapped module."""
         if self._config.fp16.enabled and self._config.fp16.auto_cast:
             args, kwargs = _cast_floating((args, kwargs), torch.float16)
+        self.monitor.on_forward(args, kwargs)
+        profiling = self._flops_profiler_active() and self.module.training
+        if profiling:
+            self.flops_profiler.start_profile()  # type: ignore[union-attr]
         start = time.perf_counter()
         out = self.module(*args, **kwargs)
-        self._timers["forward"] += time.perf_counter() - start
+        self._timers.add("forward", time.perf_counter() - start)
+        if profiling:
+            self.flops_profiler.stop_profile()  # type: ignore[union-attr]
         return out
 
     def backward(self, loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True) -> torch.Tensor:
@@ -319,6 +336,7 @@ class DeepShardEngine(torch.nn.Module):
                 + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
                 + "; reduce it (e.g. loss.mean()) first."
             )
+        self.monitor.on_backward(loss)
         start = time.perf_counter()
         if scale_wrt_gas and self.gradient_accumulation_steps() > 1:
             loss = loss / self.gradient_accumulation_steps()
@@ -327,9 +345,13 @@ class DeepShardEngine(torch.nn.Module):
         self.reducer.begin_backward(reduce)
         scaled = loss * self.loss_scaler.scale if self.loss_scaler.enabled else loss
         scaled.backward(retain_graph=retain_graph)
+        inner_end = time.perf_counter()
         self.partition.after_backward()
         self.reducer.finish()
-        self._timers["backward"] += time.perf_counter() - start
+        end = time.perf_counter()
+        self._timers.add("backward_inner", inner_end - start)
+        self._timers.add("backward_allreduce", end - inner_end)
+        self._timers.add("backward", end - start)
         return loss
 
     def step(self, lr_kwargs: dict[str, Any] | None = None) -> None:
@@ -338,12 +360,32 @@ class DeepShardEngine(torch.nn.Module):
             raise ValueError("step() was called inside no_sync(); leave the no_sync() block before stepping")
         start = time.perf_counter()
         self._step_applied = False
-        if self.is_gradient_accumulation_boundary():
+        boundary = self.is_gradient_accumulation_boundary()
+        profiling = boundary and self._flops_profiler_active()
+        if boundary:
             if self.optimizer is None:
                 raise ValueError("step() needs an optimizer: pass optimizer= to initialize() or add an 'optimizer' section")
             self._take_model_step(lr_kwargs)
         self.micro_steps += 1
-        self._timers["step"] += time.perf_counter() - start
+        self._timers.add("step", time.perf_counter() - start)
+        if profiling:
+            fp = self._config.flops_profiler
+            self.flops_profiler.print_model_profile(  # type: ignore[union-attr]
+                fp.profile_step, fp.module_depth, fp.top_modules, fp.detailed, fp.output_file
+            )
+            self.flops_profiler.end_profile()  # type: ignore[union-attr]
+        if boundary:
+            self.monitor.on_step(self)
+            if self._autotuning is not None:
+                self._autotuning.on_step(self)
+
+    def _flops_profiler_active(self) -> bool:
+        """DeepSpeed's rule: the flops profiler profiles step ``profile_step`` on global rank 0."""
+        return (
+            self.flops_profiler is not None
+            and self.global_steps == self._config.flops_profiler.profile_step
+            and self.global_rank == 0
+        )
 
     def _take_model_step(self, lr_kwargs: dict[str, Any] | None) -> None:
         assert self.optimizer is not None
@@ -385,8 +427,7 @@ class DeepShardEngine(torch.nn.Module):
         lrs = ", ".join(f"{lr:.3e}" for lr in self.get_lr())
         message = f"step={self.global_steps} skipped={self.skipped_steps} lr=[{lrs}] loss_scale={self.loss_scaler.scale}"
         if self._config.wall_clock_breakdown:
-            message += " | " + " ".join(f"{k}={v * 1000:.1f}ms" for k, v in self._timers.items())
-            self._timers = dict.fromkeys(self._timers, 0.0)
+            message += " | " + " ".join(f"{k}={v * 1000:.1f}ms" for k, v in self._timers.take_total().items())
         if self._config.memory_breakdown:
             mem = self.memory_breakdown()
             message += f" | model state {mem.total / 2**20:.1f} MiB"
@@ -440,6 +481,9 @@ class DeepShardEngine(torch.nn.Module):
         """Remove the engine's hooks from the module (gradient reduction, stage-3 gathers) and its swap files."""
         self.partition.remove_hooks()
         self.partition.close()
+        self.monitor.close()
+        if self._config.comms_logger.enabled:
+            comms_logger.comms_logger.set_enabled(False)
 
     # ------------------------------------------------------------------ checkpoints (logic in deepshard.checkpoint)
     def _checkpoint_io(self) -> Any:

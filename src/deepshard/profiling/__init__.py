@@ -1,0 +1,2 @@
+"""Profilers (DeepSpeed's ``deepspeed.profiling``): the flops profiler, the communication logger and the
+memory estimators. See docs/observability.md."""
