@@ -53,7 +53,47 @@ def random_prompts(n: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
 
 
 def reference_greedy(model: Any, prompt: list[int], max_tokens: int) -> list[int]:
-    """Hugging Face ``generate`` on the prompt alone (batch 1, greedy)."""
+    """Hugging Face ``generate`` on the prompt alone (batch 1, greedy; an explicit all-ones attention mask, else
+    HF would mask the tokens equal to ``pad_token_id``)."""
+    ids = torch.tensor([prompt])
     with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False)
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False
+        )
     return out[0, len(prompt) :].tolist()
+
+
+class ChatCharTokenizer(CharTokenizer):
+    """:class:`CharTokenizer` with a minimal chat template (``role: content`` lines, then ``assistant:``)."""
+
+    chat_template = "role: content"
+
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool, tokenize: bool
+    ) -> str:
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        return text + ("assistant:" if add_generation_prompt else "")
+
+
+class ServerThread:
+    """uvicorn serving ``app`` on 127.0.0.1 (a free port) in a daemon thread; ``stop()`` exits it."""
+
+    def __init__(self, app: Any) -> None:
+        import threading
+        import time
+
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start within 60 s"
+            time.sleep(0.05)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)

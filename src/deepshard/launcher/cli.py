@@ -15,6 +15,7 @@ import sys
 SUBCOMMANDS: dict[str, str] = {
     "report": "deepshard.launcher.report:main",
     "convert": "deepshard.checkpoint.convert:main",
+    "serve": "deepshard.serve.cli:main",
 }
 
 

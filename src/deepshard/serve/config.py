@@ -4,7 +4,8 @@
 forward, 512), ``max_tracked_sequences`` (2048) and ``max_context`` (8192) keep DeepSpeed-MII's names
 and defaults. The paged-cache keys are deepshard's own: ``block_size`` (16 positions, vLLM's default)
 and ``num_kv_blocks`` (the pool; KV memory is ``2 * layers * kv_heads * head_dim * block_size *
-num_kv_blocks`` elements). ``max_queue`` bounds waiting requests (the HTTP server answers 429 past it).
+num_kv_blocks`` elements). ``max_tracked_sequences`` bounds the requests in flight (the HTTP server answers 429
+past it).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ class ServeConfig(StrictModel):
     block_size: Int = 16
     num_kv_blocks: Int = 2048
     enable_prefix_caching: bool = True
-    max_queue: Int = 1024
     dtype: DType = "fp32"
 
     @model_validator(mode="after")
@@ -40,7 +40,6 @@ class ServeConfig(StrictModel):
             "max_context",
             "block_size",
             "num_kv_blocks",
-            "max_queue",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +51,11 @@ class ServeEngine:
     """
 
     def __init__(
-        self, model: nn.Module, tokenizer: Any = None, config: ServeConfig | None = None, **kwargs: Any
+        self,
+        model: nn.Module,
+        tokenizer: Any = None,
+        config: ServeConfig | Mapping[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
         self.config = load_serve_config(config, **kwargs)
         engine = init_inference(model, dtype=self.config.dtype, replace_with_kernel_inject=True)
