@@ -6,7 +6,7 @@ workload of serve_smollm2.py: prompts of 16-64 token ids, 8-128 output tokens, `
 failed requests, p50/p99 time to first token (request sent -> first SSE chunk with text) and
 inter-token latency (gap between consecutive SSE chunks), and checks every KV block is free afterwards.
 
-Usage: python benchmarks/serve_load.py [--clients 64] [--slots 16] [--threads 2]
+Usage: python benchmarks/serve_load.py [--clients 64] [--slots 16] [--threads 1] [--out-max 128]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_smollm2 import smollm2_gguf, workload  # noqa: E402
+from serve_smollm2 import load_smollm2, workload  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:
@@ -44,7 +44,6 @@ async def client(url: str, prompt: list[int], n: int, out: dict) -> None:
     }
     t0 = time.perf_counter()
     stamps: list[float] = []
-    tokens = 0
     try:
         async with httpx.AsyncClient(timeout=600) as http, http.stream("POST", url, json=body) as r:
             if r.status_code != 200:
@@ -55,9 +54,8 @@ async def client(url: str, prompt: list[int], n: int, out: dict) -> None:
                 if line == "data: [DONE]":
                     done = True
                 elif line.startswith("data: "):
-                    chunk = json.loads(line[6:])
+                    json.loads(line[6:])  # a malformed chunk fails the request
                     stamps.append(time.perf_counter())
-                    tokens += 1 if chunk["choices"][0]["text"] or chunk["choices"][0]["finish_reason"] else 0
             if not done:
                 out["failed"].append("stream ended without [DONE]")
                 return
@@ -80,42 +78,20 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--slots", type=int, default=16)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--out-max", type=int, default=128, help="output lengths are uniform in [8, out-max]")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    import uvicorn
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from deepshard.serve import ServeEngine
     from deepshard.serve.async_engine import AsyncEngine
-    from deepshard.serve.server import create_app
+    from deepshard.serve.server import BackgroundServer, create_app
 
-    path = smollm2_gguf()
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32
-    ).eval()
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model, tok = load_smollm2(args.threads, tokenizer=True)
     engine = ServeEngine(model, tok, max_ragged_sequence_count=args.slots, num_kv_blocks=1024)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(AsyncEngine(engine), "smollm2"), host="127.0.0.1", port=0, log_level="warning"
-        )
-    )
-    import threading
-
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.1)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    prompts, olens = workload(model.config.vocab_size, args.clients)
+    server = BackgroundServer(create_app(AsyncEngine(engine), "smollm2"))
+    prompts, olens = workload(model.config.vocab_size, args.clients, out_max=args.out_max)
     t0 = time.perf_counter()
-    res = asyncio.run(run(f"http://127.0.0.1:{port}/v1/completions", prompts, olens))
+    res = asyncio.run(run(f"{server.url}/v1/completions", prompts, olens))
     wall = time.perf_counter() - t0
-    server.should_exit = True
-    thread.join(120)
+    server.stop()
     engine.scheduler.allocator.check_all_free()
     ttft, itl = res["ttft"], res["itl"]
     print(

@@ -39,11 +39,25 @@ def smollm2_gguf() -> Path:
     return found[0]
 
 
-def workload(vocab: int, n: int = 64, seed: int = 0) -> tuple[list[list[int]], list[int]]:
-    """``n`` prompts (ids in [100, vocab)) of length 16..64 and output lengths 8..128, seeded."""
+def load_smollm2(threads: int, tokenizer: bool = False):
+    """SmolLM2-135M in fp32 (and its tokenizer), after setting ``threads`` intra-op threads (0: torch's default)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    path = smollm2_gguf()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name) if tokenizer else None
+    return model, tok
+
+
+def workload(vocab: int, n: int = 64, seed: int = 0, out_max: int = 128) -> tuple[list[list[int]], list[int]]:
+    """``n`` prompts (ids in [100, vocab)) of length 16..64 and output lengths 8..``out_max``, seeded."""
     g = torch.Generator().manual_seed(seed)
     plens = torch.randint(16, 65, (n,), generator=g).tolist()
-    olens = torch.randint(8, 129, (n,), generator=g).tolist()
+    olens = torch.randint(8, out_max + 1, (n,), generator=g).tolist()
     return [torch.randint(100, vocab, (k,), generator=g).tolist() for k in plens], olens
 
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from serve_tiny import ChatCharTokenizer, ServerThread, reference_greedy, tiny_llama
+from serve_tiny import ChatCharTokenizer, reference_greedy, tiny_llama
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -20,7 +20,7 @@ openai = pytest.importorskip("openai")
 
 from deepshard.serve import SamplingParams, ServeEngine  # noqa: E402
 from deepshard.serve.async_engine import AsyncEngine  # noqa: E402
-from deepshard.serve.server import create_app  # noqa: E402
+from deepshard.serve.server import BackgroundServer, create_app  # noqa: E402
 
 MODEL = "tiny-llama"
 TOK = ChatCharTokenizer()
@@ -37,7 +37,7 @@ def _start(**cfg):
         max_ragged_sequence_count=8,
         **cfg,
     )
-    server = ServerThread(create_app(AsyncEngine(engine), MODEL))
+    server = BackgroundServer(create_app(AsyncEngine(engine), MODEL))
     return model, engine, server
 
 

@@ -260,3 +260,34 @@ def run_server(
 
     app = create_app(engine, model_name)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=int(graceful_s))
+
+
+class BackgroundServer:
+    """uvicorn serving ``app`` on a daemon thread (port 0: a free port); for tests, notebooks and benchmarks.
+
+    Signals stay with the main thread (uvicorn installs handlers only there); :meth:`stop` exits it the way
+    SIGTERM does (open requests finish, then the app's shutdown drains the engine).
+    """
+
+    def __init__(
+        self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, *, start_timeout_s: float = 120.0
+    ) -> None:
+        import threading
+
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="deepshard-serve-http", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + start_timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"uvicorn did not start on {host}:{port} within {start_timeout_s} s")
+            time.sleep(0.05)
+        bound = self.server.servers[0].sockets[0].getsockname()
+        self.url = f"http://{bound[0]}:{bound[1]}"
+
+    def stop(self, timeout_s: float = 120.0) -> None:
+        """Shut down gracefully and wait for the thread."""
+        self.server.should_exit = True
+        self.thread.join(timeout_s)
