@@ -13,7 +13,7 @@ Workload: 64 seeded requests, prompt lengths uniform in [16, 64], output lengths
 3. Tokens/s: the 64 requests through deepshard's engine vs HF static-batch ``generate`` (batches of C,
    left padding), same process, same threads. Prefill included in both.
 
-Usage: python benchmarks/serve_smollm2.py [--slots 16] [--threads 2] [--skip-hf]
+Usage: python benchmarks/serve_smollm2.py [--slots 16] [--threads 1] [--skip-hf] [--share-only]
 """
 
 from __future__ import annotations
@@ -65,6 +65,46 @@ def static_share(olens: list[int], slots: int) -> float:
     """Useful share of static batching: batches of ``slots`` in arrival order, each run for its longest output."""
     offered = sum(slots * max(olens[i : i + slots]) for i in range(0, len(olens), slots))
     return sum(olens) / offered
+
+
+def simulate_share(plens: list[int], olens: list[int], slots: int, budget: int) -> tuple[float, float, int]:
+    """The scheduler alone (no model: with end-of-sequence ignored the schedule does not depend on token values).
+
+    Returns (useful share of all slot-steps, share over the passes that began with a non-empty queue, passes);
+    the first equals the real run's counters.
+    """
+    from deepshard.serve import SamplingParams, load_serve_config
+    from deepshard.serve.scheduler import Scheduler
+    from deepshard.serve.sequence import FinishReason, Sequence
+
+    sched = Scheduler(
+        load_serve_config(
+            max_ragged_batch_size=budget,
+            max_ragged_sequence_count=slots,
+            num_kv_blocks=1024,
+            enable_prefix_caching=False,
+        )
+    )
+    for i, (p, n) in enumerate(zip(plens, olens, strict=True)):
+        sched.add(Sequence(f"r{i}", i, p, [1] * p, SamplingParams(max_tokens=n, ignore_eos=True), None))
+    queued_passes = queued_useful = total_useful = 0
+    while sched.num_unfinished:
+        queued = bool(sched.waiting)
+        plan = sched.schedule()
+        sampled = [chunk.sample for chunk in plan]  # before commit moves num_computed
+        sched.commit(plan)
+        useful = 0
+        for chunk, sample in zip(plan, sampled, strict=True):
+            if sample:
+                useful += 1
+                chunk.seq.tokens.append(1)
+                if len(chunk.seq.tokens) - chunk.seq.prompt_len == chunk.seq.params.max_tokens:
+                    sched.finish(chunk.seq, FinishReason.LENGTH)
+        total_useful += useful
+        if queued:
+            queued_passes, queued_useful = queued_passes + 1, queued_useful + useful
+    c = sched.counters
+    return total_useful / c.slot_steps, queued_useful / (queued_passes * slots), c.passes
 
 
 def run_engine(model, prompts, olens, slots: int, budget: int):
@@ -144,6 +184,7 @@ def main() -> None:
     )
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-gap", action="store_true")
+    parser.add_argument("--share-only", action="store_true", help="only the scheduler-only share (seconds)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -160,6 +201,13 @@ def main() -> None:
         f"SmolLM2-135M fp32, {torch.get_num_threads()} threads; 64 requests, prompts 16-64 "
         f"(total {sum(map(len, prompts))}), outputs 8-128 (total {useful}); C = {args.slots} slots"
     )
+    total, steady, passes = simulate_share(list(map(len, prompts)), olens, args.slots, args.budget)
+    print(
+        f"[share, scheduler only] {total:.3f} of all slot-steps ({passes} passes), {steady:.3f} over the passes "
+        f"that began with requests still queued; static batching {static_share(olens, args.slots):.3f}"
+    )
+    if args.share_only:
+        return
     eng, _, t_ds = run_engine(model, prompts, olens, args.slots, args.budget)
     c = eng.scheduler.counters
     print(
