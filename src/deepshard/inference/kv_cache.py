@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from deepshard.inference.ops import attention
+
 
 class KVCache:
     """Keys and values of ``num_slots`` sequences of up to ``max_tokens`` tokens, for every layer.
@@ -116,6 +118,24 @@ class StepBatch:
     def positions(self) -> torch.Tensor:
         """``[B, T]`` position of every new token."""
         return (self.starts[:, None] + torch.arange(self.num_new)).to(self._device)
+
+    def last_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """``h`` ``[B, T, C]`` at each row's last valid token: ``[B, 1, C]``."""
+        last = (self.valid - 1).to(h.device)
+        return h[torch.arange(h.shape[0], device=h.device), last][:, None]
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor],
+        scale: float,
+        window: int | None,
+    ) -> torch.Tensor:
+        """Store ``k, v`` ``[B, KV, T, D]`` in the slots and attend ``q`` ``[B, H, T, D]`` over their prefixes."""
+        keys, values = write_and_read(cache[0], cache[1], k, v, self)
+        return attention(q, keys, values, self.mask(window), scale)
 
     def mask(self, window: int | None) -> torch.Tensor | None:
         """``[B, 1, T, span]`` boolean mask (True: attend), or ``None`` when every key is visible to every query.

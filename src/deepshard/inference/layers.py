@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from deepshard.inference.kv_cache import StepBatch, write_and_read
-from deepshard.inference.ops import add_norm, rotate_in_place
+from deepshard.inference.kv_cache import StepBatch
+from deepshard.inference.ops import add_norm, attention, rotate_in_place
+from deepshard.inference.paged import RaggedBatch
 
 
 @dataclass(frozen=True)
@@ -65,13 +65,15 @@ class FusedAttention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         cache: tuple[torch.Tensor, torch.Tensor] | None,
-        batch: StepBatch | None,
+        batch: StepBatch | RaggedBatch | None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``x`` ``[B, T, hidden]`` -> ``[B, T, hidden]``.
 
         With ``cache`` (this layer's key/value tensors) and ``batch``, the new keys/values are stored and
-        the attended keys are the slots' prefixes (causal); without, ``mask`` (``[B, 1, 1, T]``, True:
+        the attended keys are the sequences' prefixes (causal): slots of a :class:`KVCache` for a
+        :class:`StepBatch`, blocks of a paged cache for a :class:`RaggedBatch` (``B = 1``, ``T = N``
+        flattened tokens); without, ``mask`` (``[B, 1, 1, T]``, True:
         attend, or ``None``) is a bidirectional padding mask (encoders).
         """
         s = self.shape
@@ -83,12 +85,10 @@ class FusedAttention(nn.Module):
         k = heads[:, :, s.num_heads : s.num_heads + s.num_kv_heads].transpose(1, 2)
         v = heads[:, :, s.num_heads + s.num_kv_heads :].transpose(1, 2)
         if cache is not None:
-            assert batch is not None, "a cached forward needs the StepBatch that places its tokens"
-            k, v = write_and_read(cache[0], cache[1], k, v, batch)
-            mask = batch.mask(s.window)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=s.scale, enable_gqa=s.num_heads != s.num_kv_heads
-        )
+            assert batch is not None, "a cached forward needs the StepBatch / RaggedBatch that places its tokens"
+            out = batch.attend(q, k, v, cache, s.scale, s.window)
+        else:
+            out = attention(q, k, v, mask, s.scale)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, s.num_heads * s.head_dim))
 
 
@@ -135,7 +135,7 @@ class FusedLayer(nn.Module):
         residual: torch.Tensor | None,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         cache: tuple[torch.Tensor, torch.Tensor] | None,
-        batch: StepBatch | None,
+        batch: StepBatch | RaggedBatch | None,
         mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.pre_norm:

@@ -16,6 +16,7 @@ from torch import nn
 from deepshard.inference.kv_cache import KVCache, StepBatch
 from deepshard.inference.layers import FusedLayer
 from deepshard.inference.ops import Rotary, add_norm
+from deepshard.inference.paged import PagedKVCache, RaggedBatch
 
 
 @dataclass(frozen=True)
@@ -74,13 +75,28 @@ class FusedCausalLM(nn.Module):
             dtype=self.dtype, device=self.embed.weight.device,
         )
 
+    def new_paged_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
+        """A zeroed paged KV cache of ``num_blocks`` blocks of ``block_size`` positions, on the model's device."""
+        s = self.cache_shape
+        return PagedKVCache(
+            s.num_layers, num_blocks, block_size, s.num_kv_heads, s.head_dim,
+            dtype=self.dtype, device=self.embed.weight.device,
+        )
+
     def forward(
-        self, input_ids: torch.Tensor, cache: KVCache, batch: StepBatch, *, all_logits: bool = False
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | PagedKVCache,
+        batch: StepBatch | RaggedBatch,
+        *,
+        all_logits: bool = False,
     ) -> torch.Tensor:
         """Run ``input_ids`` ``[B, T]`` for the slots of ``batch``; the caller then calls ``cache.advance(batch)``.
 
         Returns logits ``[B, T, vocab]`` with ``all_logits``, else ``[B, 1, vocab]`` at each row's last
-        valid token.
+        valid token. With a paged cache and a :class:`RaggedBatch`, ``input_ids`` is ``[1, N]`` (every
+        sequence's new tokens, flattened) and the last-token logits are ``[S, 1, vocab]``, one per sequence
+        (the block tables are the caller's; there is nothing to advance).
         """
         device = input_ids.device
         batch.to(device)
@@ -99,8 +115,7 @@ class FusedCausalLM(nn.Module):
         elif residual is not None:
             h = residual + h
         if not all_logits:
-            last = (batch.valid - 1).to(device)
-            h = h[torch.arange(h.shape[0], device=device), last][:, None]
+            h = batch.last_hidden(h)
         if self.project_out is not None:
             h = self.project_out(h)
         return self.lm_head(h)

@@ -8,6 +8,7 @@ they are the reference a faster kernel (``torch.compile`` fuses them) is checked
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -67,3 +68,13 @@ def rotate_in_place(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> No
     second = x2 * cos + x1 * sin
     x1.copy_(first)
     x2.copy_(second)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """``scaled_dot_product_attention`` of ``q`` ``[B, H, T, D]`` over ``k, v`` ``[B, KV, L, D]`` (``KV`` divides ``H``).
+
+    ``mask`` is boolean (True: attend) broadcastable to ``[B, H, T, L]``, or ``None`` for all-visible.
+    """
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])

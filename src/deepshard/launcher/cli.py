@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, str] = {
     "convert": "deepshard.checkpoint.convert:main",
     "estimate": "deepshard.profiling.estimate_cli:main",
     "plot": "deepshard.monitor.plot:main",
+    "serve": "deepshard.serve.cli:main",
 }
 
 
