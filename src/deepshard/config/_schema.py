@@ -14,6 +14,7 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import BeforeValidator, Field, PrivateAttr
 
+from deepshard.compression.config import CompressionConfig
 from deepshard.config._precision import BF16Config, DataTypesConfig, FP16Config
 from deepshard.config._types import (
     DType,
@@ -163,6 +164,9 @@ class DeepShardConfig(StrictModel):
         default=CheckpointConfig(), description="Checkpoint writing; see `checkpoint`."
     )
     aio: AioConfig = Field(default=AioConfig(), description="Asynchronous IO of the NVMe tier; see `aio`.")
+    compression_training: CompressionConfig = Field(
+        default=CompressionConfig(), description="QAT, pruning, layer reduction; see docs/compression.md."
+    )
 
     _raw: Mapping[str, Any] = PrivateAttr(default_factory=lambda: MappingProxyType({}))
     _dp_world_size: int = PrivateAttr(default=1)

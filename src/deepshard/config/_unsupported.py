@@ -35,7 +35,6 @@ TOP_LEVEL_NOT_SUPPORTED: dict[str, Unsupported] = {
     "comet": unsupported("logging to Comet", switched_off()),
     "comms_logger": unsupported("communication logging", switched_off()),
     "compile": unsupported("DeepCompile compiler passes", empty()),
-    "compression_training": unsupported("the compression toolkit", empty()),
     "csv_monitor": unsupported("logging to CSV files", switched_off()),
     "curriculum_learning": unsupported("legacy curriculum learning", switched_off()),
     "data_efficiency": unsupported(

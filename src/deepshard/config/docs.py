@@ -111,6 +111,8 @@ def _type_name(annotation: Any) -> str:
         return " / ".join(f"`{json_literal(v)}`" for v in typing.get_args(annotation))
     if origin is dict:
         return "object"
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(annotation)[0])}"
     if isinstance(annotation, type) and issubclass(annotation, StrictModel):
         return "object"
     names = {bool: "boolean", int: "integer", float: "number", str: "string"}
@@ -122,6 +124,8 @@ def _type_name(annotation: Any) -> str:
 def _default(name: str, info: FieldInfo) -> str:
     if name in (TRAIN, MICRO, GAS):
         return "derived"
+    if info.default_factory is list:
+        return "`[]`"
     if info.default_factory is not None or isinstance(info.default, StrictModel):
         return "`{}`"
     if info.default is PydanticUndefined:
