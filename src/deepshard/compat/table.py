@@ -189,7 +189,6 @@ PATHS: Mapping[str, Entry | Refused] = MappingProxyType(
             }
         ),
         "module_inject": Refused("kernel injection and AutoTP (deepspeed.module_inject)"),
-        "compression": Refused("the compression toolkit"),
         "profiling": Refused("the FLOPs profiler"),
         "autotuning": Refused("the DeepSpeed autotuner"),
         "elasticity": Refused("elastic training (removed in DeepSpeed 0.19)"),

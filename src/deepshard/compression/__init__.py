@@ -33,4 +33,9 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name == "convert_conv1d_to_linear":
+        raise NotImplementedError(
+            "deepspeed.compression.convert_conv1d_to_linear (GPT-2 Conv1D -> nn.Linear) is not "
+            "implemented in deepshard; GPT-2's Conv1D layers are not compressed."
+        )
     raise AttributeError(f"module 'deepshard.compression' has no attribute {name!r}")
