@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -264,12 +265,15 @@ class CompressedLinear(_Compressible, nn.Linear):
 
     num_heads: int
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_compression()
+
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> CompressedLinear:
         """A compressed layer sharing ``linear``'s parameters (no copy)."""
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         new.weight, new.bias = linear.weight, linear.bias
-        new._init_compression()
         return new
 
     def enable_row_pruning(self, dense_ratio: float, method: str) -> None:
@@ -361,6 +365,10 @@ class CompressedLinear(_Compressible, nn.Linear):
 class CompressedConv2d(_Compressible, nn.Conv2d):
     """``nn.Conv2d`` with weight/activation quantization, sparse and output-channel pruning."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_compression()
+
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> CompressedConv2d:
         """A compressed layer sharing ``conv``'s parameters (no copy)."""
@@ -377,7 +385,6 @@ class CompressedConv2d(_Compressible, nn.Conv2d):
             device="meta",
         )
         new.weight, new.bias = conv.weight, conv.bias
-        new._init_compression()
         return new
 
     def enable_channel_pruning(self, dense_ratio: float, method: str) -> None:
@@ -435,6 +442,10 @@ class CompressedConv2d(_Compressible, nn.Conv2d):
 class CompressedEmbedding(_Compressible, nn.Embedding):
     """``nn.Embedding`` with weight quantization (one group per token row, as DeepSpeed)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_compression()
+
     @classmethod
     def from_embedding(cls, emb: nn.Embedding) -> CompressedEmbedding:
         """A compressed embedding sharing ``emb``'s weight (no copy)."""
@@ -449,7 +460,6 @@ class CompressedEmbedding(_Compressible, nn.Embedding):
             device="meta",
         )
         new.weight = emb.weight
-        new._init_compression()
         return new
 
     def enable_weight_quantization(
