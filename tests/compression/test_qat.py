@@ -188,3 +188,9 @@ def test_qat_training_reduces_loss_with_ternary_weights() -> None:
     assert losses[-1] < 0.25 * losses[0]
     redundancy_clean(model, cfg)
     assert _distinct_per_group(model[0].weight.detach(), 8) <= 3
+
+
+def test_scheduler_needs_init_compression() -> None:
+    cfg = _wq_config(offset=0, in_forward=True, start=8, target=8, period=1)
+    with pytest.raises(ValueError, match="call init_compression"):
+        CompressionScheduler(TinyTransformer(), cfg)

@@ -19,7 +19,7 @@ from torch import nn
 
 from deepshard.compression.config import load_compression_config
 from deepshard.compression.layers import Technique, _Compressible
-from deepshard.compression.patterns import plan
+from deepshard.compression.patterns import COMPRESSIBLE, plan
 from deepshard.compression.pruning import cubic_density
 
 logger = logging.getLogger(__name__)
@@ -34,8 +34,12 @@ class CompressionScheduler:
         self.model = module if isinstance(module, nn.Module) else model
         self.modules: dict[Technique, list[_Compressible]] = {}
         for gp in plan(self.model, self.config):
-            found = [self.model.get_submodule(n) for names in gp.modules for n in names]
-            self.modules.setdefault(gp.technique, []).extend(m for m in found if isinstance(m, _Compressible))
+            found = [(n, self.model.get_submodule(n)) for names in gp.modules for n in names]
+            plain = [n for n, m in found if isinstance(m, COMPRESSIBLE[:3]) and not isinstance(m, _Compressible)]
+            if plain:
+                raise ValueError(f"{plain[0]} is a plain {type(self.model.get_submodule(plain[0])).__name__}: call "
+                                 "init_compression(model, config) before building the compression scheduler.")
+            self.modules.setdefault(gp.technique, []).extend(m for _, m in found if isinstance(m, _Compressible))
         self.training_steps = 0
         self.quant_steps = 0
         wq = self.config.weight_quantization.shared_parameters.fp16_mixed_quantize
