@@ -193,7 +193,6 @@ PATHS: Mapping[str, Entry | Refused] = MappingProxyType(
             }
         ),
         "module_inject": Refused("kernel injection and AutoTP (deepspeed.module_inject)"),
-        "compression": Refused("the compression toolkit"),
         "elasticity": Refused("elastic training (removed in DeepSpeed 0.19)"),
         "runtime.comm": Entry(),
         "runtime.comm.coalesced_collectives": Refused("DeepSpeed's coalesced collectives"),

@@ -23,6 +23,7 @@ from deepshard.config._observability import (
     TensorBoardConfig,
     WandbConfig,
 )
+from deepshard.compression.config import CompressionConfig
 from deepshard.config._precision import BF16Config, DataTypesConfig, FP16Config
 from deepshard.config._types import (
     DType,
@@ -188,6 +189,9 @@ class DeepShardConfig(StrictModel):
     )
     autotuning: AutotuningConfig = Field(
         default=AutotuningConfig(), description="The autotuner's search; see `autotuning` and docs/observability.md."
+    )
+    compression_training: CompressionConfig = Field(
+        default=CompressionConfig(), description="QAT, pruning, layer reduction; see docs/compression.md."
     )
 
     _raw: Mapping[str, Any] = PrivateAttr(default_factory=lambda: MappingProxyType({}))

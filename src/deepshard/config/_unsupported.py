@@ -32,7 +32,6 @@ TOP_LEVEL_NOT_SUPPORTED: dict[str, Unsupported] = {
     ),
     "amp": unsupported("NVIDIA Apex AMP mixed precision", switched_off()),
     "compile": unsupported("DeepCompile compiler passes", empty()),
-    "compression_training": unsupported("the compression toolkit", empty()),
     "curriculum_learning": unsupported("legacy curriculum learning", switched_off()),
     "data_efficiency": unsupported(
         "data sampling and routing (curriculum learning, random-LTD)", switched_off()

@@ -112,7 +112,7 @@ def _type_name(annotation: Any) -> str:
     if origin is dict:
         return "object"
     if origin is list:
-        return f"array of {_type_name(typing.get_args(annotation)[0])}"
+        return f"list of {_type_name(typing.get_args(annotation)[0])}"
     if isinstance(annotation, type) and issubclass(annotation, StrictModel):
         return "object"
     names = {bool: "boolean", int: "integer", float: "number", str: "string"}
