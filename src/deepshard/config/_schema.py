@@ -14,6 +14,7 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import BeforeValidator, Field, PrivateAttr
 
+from deepshard.compression.config import CompressionConfig
 from deepshard.config._observability import (
     AutotuningConfig,
     CometConfig,
@@ -23,7 +24,6 @@ from deepshard.config._observability import (
     TensorBoardConfig,
     WandbConfig,
 )
-from deepshard.compression.config import CompressionConfig
 from deepshard.config._precision import BF16Config, DataTypesConfig, FP16Config
 from deepshard.config._types import (
     DType,
