@@ -19,12 +19,12 @@ import torch
 import torch.distributed as dist
 
 from deepshard import comm
-
-GROUP_ATTR = "_deepshard_group"  # on each sharded parameter: its ShardGroup (which knows its runtime)
+from deepshard.zero.rows import OWNERS
 
 
 def _group_of(param: torch.Tensor) -> Any:
-    return getattr(param, GROUP_ATTR, None)
+    """The ShardGroup holding ``param`` (which knows its runtime), or ``None`` for a whole parameter."""
+    return OWNERS.get(param)
 
 
 class GatheredParameters:

@@ -20,7 +20,7 @@ from deepshard import comm
 from deepshard.comm.host_shm import release_freed_heap
 from deepshard.precision.master import as_rows
 from deepshard.zero.layout import ShardSpec
-from deepshard.zero.shard_group import LOCAL_ROWS
+from deepshard.zero.rows import LOCAL_ROWS
 
 _init = torch.nn.init
 # torch.nn.init functions overwrite their whole target; some dispatch to the mode themselves, the others
@@ -224,7 +224,7 @@ class Partitioner:
     # -------------------------------------------------------------- partition / materialise
     def partition(self, p: torch.nn.Parameter, name: str) -> None:
         """Keep this rank's rows of ``p`` and give it a placeholder (no-op for small or done params)."""
-        if hasattr(p, LOCAL_ROWS) or p.numel() < self.threshold or p.is_meta:
+        if p in LOCAL_ROWS or p.numel() < self.threshold or p.is_meta:
             return
         entry = _Entry(p, name)
         self.entries.append(entry)
@@ -257,7 +257,7 @@ class Partitioner:
         rows = as_rows(full)[entry.start : entry.end]
         device = self.remote_device or full.device
         rows = rows.to(device=device, copy=True).contiguous()
-        setattr(p, LOCAL_ROWS, rows)
+        LOCAL_ROWS.set(p, rows)
         p.data = entry.placeholder()
         nbytes = full.numel() * full.element_size()
         del full, rows
@@ -291,7 +291,8 @@ class Partitioner:
     def rows_of(self, entry: _Entry) -> torch.Tensor:
         p = entry.ref()
         assert p is not None
-        rows: torch.Tensor = getattr(p, LOCAL_ROWS)
+        rows = LOCAL_ROWS.get(p)
+        assert rows is not None, "a parameter zero.Init did not partition"
         return rows
 
     # -------------------------------------------------------------- exit
@@ -346,9 +347,9 @@ class Partitioner:
                 p.data = entry.placeholder()
             if self.pin_memory and rows.device.type == "cpu":
                 rows = accel.pin_memory(rows)
-            setattr(p, LOCAL_ROWS, rows)
+            LOCAL_ROWS.set(p, rows)
         for p in whole:
-            if not hasattr(p, LOCAL_ROWS) and p.is_floating_point() and p.dtype != self.dtype:
+            if p not in LOCAL_ROWS and p.is_floating_point() and p.dtype != self.dtype:
                 p.data = p.data.to(self.dtype)
         self.materialised.clear()
         self.by_key.clear()
@@ -473,7 +474,7 @@ class Partitioner:
             base = converted[1]
             rows = self.rows_of(entry)
             device = self.remote_device or base.device
-            setattr(param, LOCAL_ROWS, rows.to(device=device, dtype=base.dtype))
+            LOCAL_ROWS.set(param, rows.to(device=device, dtype=base.dtype))
             self.by_key.pop(_storage_key(entry.base) or 0, None)
             entry.base = base
             self.by_key[_storage_key(base) or 0] = entry

@@ -160,11 +160,13 @@ class OffloadedOptimizer:
             sg.resident = False
 
     def attach(self, masters: MasterWeights) -> None:
-        """Adopt the masters (made with :meth:`sink`); from now on every step publishes them early."""
+        """Adopt the masters (made with :meth:`sink` and ``published_early=True``: every step writes them
+        into the model itself)."""
         if len(masters.masters) != len(self._where):
             raise ValueError(f"offload planned {len(self._where)} masters, got {len(masters.masters)}")
+        if not masters.published_early:
+            raise ValueError("offloaded masters are published by each step: build MasterWeights(published_early=True)")
         self._masters = masters
-        masters.published_early = True
         if self.swap is not None:
             self.swap.flush()
 

@@ -35,9 +35,9 @@ from deepshard import comm
 from deepshard.offload.swap import PendingRead, SwapSpace
 from deepshard.precision.master import as_rows
 from deepshard.zero.layout import BucketLayout
+from deepshard.zero.rows import LOCAL_ROWS
 from deepshard.zero.watchdog import CollectiveDivergedError, wait_collective
 
-LOCAL_ROWS = "_deepshard_local_rows"  # attribute: this rank's rows of a parameter built by zero.Init
 _UNPACK = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepshard-unpack")  # NVMe reads -> full storage
 
 
@@ -378,10 +378,10 @@ def cast_module(model: torch.nn.Module, device: torch.device, dtype: torch.dtype
     Their rows are cast instead, and their placeholders rebuilt in the new dtype.
     """
     for p in model.parameters():
-        rows = getattr(p, LOCAL_ROWS, None)
+        rows = LOCAL_ROWS.get(p)
         if rows is not None:
             rows = rows.to(device=device, dtype=dtype if rows.is_floating_point() else rows.dtype)
-            setattr(p, LOCAL_ROWS, rows)
+            LOCAL_ROWS.set(p, rows)
             nan = torch.full((1,), float("nan"), dtype=rows.dtype, device=device)
             p.data = nan.expand(p.shape) if p.dim() else nan.view(())
     model.to(device=device, dtype=dtype)
