@@ -19,10 +19,13 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from deepshard.offload.aio import align_up
 
 logger = logging.getLogger("deepshard")
 
@@ -41,11 +44,6 @@ def _host_id() -> str:
 def enabled() -> bool:
     """Whether shared-memory windows may be used (``DEEPSHARD_HOST_SHM`` is not ``0``)."""
     return os.environ.get("DEEPSHARD_HOST_SHM", "1") != "0"
-
-
-def align_up(nbytes: int, to: int) -> int:
-    """``nbytes`` rounded up to a multiple of ``to``."""
-    return -(-nbytes // to) * to
 
 
 def shared_storage(group: Any, nbytes: int, usable: bool = True) -> torch.Tensor | None:
@@ -93,6 +91,24 @@ def shared_storage(group: Any, nbytes: int, usable: bool = True) -> torch.Tensor
         logger.info("shared memory not available (%s); using gloo collectives", error or "another rank")
         return None
     return storage
+
+
+def shared_regions(
+    group: Any, nbytes: Sequence[int], usable: bool = True, align: int = 64
+) -> list[torch.Tensor] | None:
+    """One mapping shared by every rank of ``group`` (collective, see :func:`shared_storage`), cut into
+    ``uint8`` regions of ``nbytes[i]`` bytes, each starting at a multiple of ``align`` bytes from the
+    mapping's start (page-aligned with ``align=PAGE``), or ``None`` where memory cannot be shared."""
+    sizes = [align_up(n, align) for n in nbytes]
+    storage = shared_storage(group, sum(sizes), usable)
+    if storage is None:
+        return None
+    out: list[torch.Tensor] = []
+    offset = 0
+    for n, size in zip(nbytes, sizes):
+        out.append(storage[offset : offset + n])
+        offset += size
+    return out
 
 
 def release_freed_heap() -> None:

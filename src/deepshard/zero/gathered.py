@@ -16,7 +16,6 @@ from types import TracebackType
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from deepshard import comm
 from deepshard.zero.rows import OWNERS
@@ -84,11 +83,11 @@ class GatheredParameters:
         assert self.modifier_rank is not None
         if comm.is_initialized() and comm.get_world_size() > 1:
             group = partition.group if partition is not None else None
-            src = dist.get_global_rank(group, self.modifier_rank) if group is not None else self.modifier_rank
+            src = comm.get_global_rank(group, self.modifier_rank)
             tensors = [g.full for g in self.groups]
             tensors += [p.data for p in self.params if _group_of(p) is None]
             for t in tensors:
-                dist.broadcast(t, src=src, group=group)
+                comm.broadcast(t, src=src, group=group)
         for g in self.groups:
             g.write_back()
         if partition is not None:

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from deepshard import comm
 from deepshard.comm.bucketing import FlatBuffer, plan_buckets
@@ -224,7 +223,7 @@ class AllReduceGradReducer(_BucketedReducer):
         if self.spec.world_size == 1:
             return
         bucket.wire = self._wire(self.buffers[b].flat)
-        bucket.work = dist.all_reduce(bucket.wire, group=self.group, async_op=True)
+        bucket.work = comm.all_reduce(bucket.wire, group=self.group, async_op=True)
 
     def _land(self, b: int) -> None:
         bucket = self.buckets[b]

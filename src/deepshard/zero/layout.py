@@ -121,18 +121,6 @@ class BucketLayout:
                 start, end = spec.row_range(rank)
                 cols[rank, (end - start) * spec.row_numel :].zero_()
 
-    def gather_full(self, buffer: torch.Tensor, index: int, full: torch.Tensor) -> None:
-        """Copy member ``index``'s shards from the rank-major ``buffer`` into the full-size tensor."""
-        spec = self.specs[index]
-        cols = self._columns(buffer, index)
-        dst = full.view(spec.rows, spec.row_numel)
-        for rank in range(self.world):
-            start, end = spec.row_range(rank)
-            if end > start:
-                dst[start:end].copy_(
-                    cols[rank, : (end - start) * spec.row_numel].view(end - start, spec.row_numel)
-                )
-
     def segment_view(self, segment: torch.Tensor, index: int, rank: int) -> torch.Tensor:
         """Member ``index``'s unpadded shard inside one rank's ``segment``, shaped as the local shard."""
         spec = self.specs[index]

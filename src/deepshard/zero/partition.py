@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from deepshard import comm
 from deepshard.offload.swap import SwapSpace
 from deepshard.precision import MasterWeights, PrecisionPolicy
 from deepshard.zero.grad_reduce import (
@@ -163,7 +163,7 @@ class ZeroPartition:
         """
         sumsq = sum_of_squares(self.reducer.flat_grads())
         if self.reducer.sharded_result and self.world > 1:
-            dist.all_reduce(sumsq, group=self.group)
+            comm.all_reduce(sumsq, group=self.group)
         return float(sumsq.sqrt())
 
     def unscale_and_clip(self, factor: float) -> None:
@@ -176,12 +176,12 @@ class ZeroPartition:
         if self.shared is not None:
             self.shared.begin_update()
         elif self.shards_shared:
-            dist.barrier(group=self.group)
+            comm.barrier(group=self.group)
 
     def fence(self) -> None:
         """After rows were written outside a step (loads, GatheredParameters): make them visible to all ranks."""
         if self.shared is not None or self.shards_shared:
-            dist.barrier(group=self.group)
+            comm.barrier(group=self.group)
 
     def publish(self) -> None:
         """After the optimizer step: make the updated parameters whole in the module on every rank.
@@ -205,7 +205,7 @@ class ZeroPartition:
         if self.param_swap is not None:
             self.param_swap.flush()  # the next gathers read these slots
         if self.shards_shared and self.shared is None:
-            dist.barrier(group=self.group)  # every rank's updated rows written before anyone gathers
+            comm.barrier(group=self.group)  # every rank's updated rows written before anyone gathers
 
     def after_backward(self) -> None:
         """End of a backward pass: stage 3 releases what it still holds."""

@@ -25,6 +25,7 @@ rows into the full buffer, with no collective at all (and so nothing for divergi
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -38,7 +39,24 @@ from deepshard.zero.layout import BucketLayout
 from deepshard.zero.rows import LOCAL_ROWS
 from deepshard.zero.watchdog import CollectiveDivergedError, wait_collective
 
-_UNPACK = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepshard-unpack")  # NVMe reads -> full storage
+_UNPACK = ThreadPoolExecutor(
+    max_workers=1, thread_name_prefix="deepshard-unpack"
+)  # NVMe reads -> full storage
+
+
+class ShardedState(enum.Enum):
+    """Where a group's whole values stand (FSDP2's ``ShardedState`` plus the in-flight step)."""
+
+    SHARDED = "sharded"  # only this rank's segment; the parameters show placeholders
+    GATHERING = "gathering"  # an all-gather (or a read from the NVMe tier) is in flight into a buffer
+    UNSHARDED = "unsharded"  # the whole values are in the full buffer; the parameters are views of it
+
+
+class SegmentTier(enum.Enum):
+    """Where this rank's segment (its shards) is held between uses."""
+
+    RESIDENT = "resident"  # in memory (device or host)
+    ON_TIER = "on_tier"  # written to the NVMe tier, its memory freed
 
 
 class ShardGroup:
@@ -97,8 +115,10 @@ class ShardGroup:
         self._seg_bytes = seg * self.segment.element_size()
         self._read: PendingRead | None = None
         self._unpacked: Future[torch.Tensor] | None = None
-        self.segment_resident = True
-        self.trainable = sum(p.requires_grad for p in self.params)  # members with masters (rewritten each step)
+        self.segment_tier = SegmentTier.RESIDENT
+        self.trainable = sum(
+            p.requires_grad for p in self.params
+        )  # members with masters (rewritten each step)
         self._left_to_publish = 0
         self.keep_in_memory = False  # offload_param.max_in_cpu: this unit's segment stays in host memory
         if swap is not None:
@@ -139,10 +159,10 @@ class ShardGroup:
         nan = torch.full((1,), float("nan"), dtype=self.dtype, device=self.device)
         self.placeholders = [nan.expand(p.shape) if p.dim() else nan.view(()) for p in self.params]
         self._full_bytes = self.numel * self.full.element_size()
-        self._work: Any = None
+        self._work: Any = None  # the in-flight collective's handle while GATHERING
         self._buffer: torch.Tensor | None = None
         self._release_buffer: Callable[[torch.Tensor], None] | None = None
-        self.unsharded = False
+        self.state = ShardedState.SHARDED
         self.runtime: Any = None  # the Stage3Runtime driving this group
         self.release()
 
@@ -159,7 +179,8 @@ class ShardGroup:
         src = self._staged(staged)
         if self._copies:
             torch._foreach_copy_(
-                [self.full[d : d + n] for d, _, n in self._copies], [src[s : s + n] for _, s, n in self._copies]
+                [self.full[d : d + n] for d, _, n in self._copies],
+                [src[s : s + n] for _, s, n in self._copies],
             )
         return staged
 
@@ -175,7 +196,7 @@ class ShardGroup:
         buffer = self.swap.read([(self._key, self._seg_bytes)]).wait()
         self.segment.copy_(self._staged(buffer))
         self.swap.give(buffer)
-        self.segment_resident = True
+        self.segment_tier = SegmentTier.RESIDENT
 
     @torch.no_grad()
     def evict_segment(self) -> None:
@@ -186,7 +207,7 @@ class ShardGroup:
         self._staged(buffer).copy_(self.segment)
         self.swap.write([(self._key, self._seg_bytes)], buffer)
         self.segment.untyped_storage().resize_(0)
-        self.segment_resident = False
+        self.segment_tier = SegmentTier.ON_TIER
 
     def begin_publish(self) -> None:
         """Before updated masters are written into the shards: make the segment writable. When every
@@ -195,7 +216,7 @@ class ShardGroup:
             return
         if self.trainable == len(self.params):
             self.segment.untyped_storage().resize_(self._seg_bytes)
-            self.segment_resident = True
+            self.segment_tier = SegmentTier.RESIDENT
         else:
             self.load_segment()
 
@@ -211,7 +232,17 @@ class ShardGroup:
     @property
     def gathering(self) -> bool:
         """Whether an all-gather of this group is in flight."""
-        return self._work is not None
+        return self.state is ShardedState.GATHERING
+
+    @property
+    def unsharded(self) -> bool:
+        """Whether the whole values are installed in the parameters."""
+        return self.state is ShardedState.UNSHARDED
+
+    @property
+    def segment_resident(self) -> bool:
+        """Whether this rank's segment is in memory (not only on the NVMe tier)."""
+        return self.segment_tier is SegmentTier.RESIDENT
 
     @property
     def gather_numel(self) -> int:
@@ -259,6 +290,7 @@ class ShardGroup:
             return
         if self.shared is not None:
             self._buffer, self._release_buffer, self._work = self.shared, None, _Done()
+            self.state = ShardedState.GATHERING
             return
         assert buffer is not None, "a gather without shared memory needs a buffer"
         self._check_peers(what)
@@ -267,6 +299,7 @@ class ShardGroup:
             # read the segment from NVMe in the background; the all-gather follows in finish_gather
             self._read = self.swap.read([(self._key, self._seg_bytes)])
             self._work = _Done()
+            self.state = ShardedState.GATHERING
             if self.world == 1:
                 # one rank: the segment is the whole buffer; unpack it into the full storage off the
                 # main thread as soon as it arrives (the copy and the first touch of the pages overlap)
@@ -278,6 +311,7 @@ class ShardGroup:
         self._work = comm.all_gather_into_tensor(buffer, mine, group=self.group, async_op=True)
         if self._work is None:  # not distributed: nothing in flight
             self._work = _Done()
+        self.state = ShardedState.GATHERING
 
     @torch.no_grad()
     def finish_gather(self, what: str) -> None:
@@ -296,7 +330,7 @@ class ShardGroup:
             self._work = self._buffer = self._release_buffer = None
             for p, view in zip(self.params, self.views):
                 p.data = view
-            self.unsharded = True
+            self.state = ShardedState.UNSHARDED
             return
         if self._read is not None:  # several ranks: this rank's segment arrived from NVMe, all-gather it now
             staged = self._read.wait()
@@ -319,13 +353,17 @@ class ShardGroup:
         self._buffer = self._release_buffer = None
         for p, view in zip(self.params, self.views):
             p.data = view
-        self.unsharded = True
+        self.state = ShardedState.UNSHARDED
 
     def gather(self, what: str = "explicit gather") -> None:
         """Gather now (blocking), with a buffer of its own."""
         if not self.unsharded:
             if not self.gathering:
-                buffer = None if self.shared is not None else torch.empty(self.gather_numel, dtype=self.dtype, device=self.device)
+                buffer = (
+                    None
+                    if self.shared is not None
+                    else torch.empty(self.gather_numel, dtype=self.dtype, device=self.device)
+                )
                 self.start_gather(buffer, what=what)
             self.finish_gather(what)
 
@@ -337,7 +375,7 @@ class ShardGroup:
         for p, placeholder in zip(self.params, self.placeholders):
             p.data = placeholder
         self.full.untyped_storage().resize_(0)
-        self.unsharded = False
+        self.state = ShardedState.SHARDED
 
     @torch.no_grad()
     def write_back(self) -> None:

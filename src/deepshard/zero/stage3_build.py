@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from deepshard import comm
-from deepshard.comm.host_shm import align_up, release_freed_heap, shared_storage
+from deepshard.comm.host_shm import release_freed_heap, shared_regions
 from deepshard.offload.swap import SwapSpace
 from deepshard.zero.layout import BucketLayout
 from deepshard.zero.offload_build import check_space, master_numels, param_swap, tier_of
@@ -30,7 +30,7 @@ from deepshard.zero.stage3 import Stage3Runtime
 from deepshard.zero.units import plan_units
 from deepshard.zero.watchdog import watchdog_timeout
 
-_GROUPS: dict[tuple[int, float, str], Any] = {}
+_GROUPS: dict[tuple[int | None, float, str], Any] = {}
 _ALIGN = 64  # bytes between groups in the shared mapping
 
 
@@ -46,7 +46,7 @@ def stage3_groups(group: Any) -> tuple[Any, Any]:
     if group is not None:
         return group, group
     timeout = watchdog_timeout()
-    world_id = id(torch.distributed.distributed_c10d._get_default_group())
+    world_id = comm.world_id()
     out = []
     for kind in ("gather", "check"):
         key = (world_id, timeout.total_seconds(), kind)
@@ -189,25 +189,15 @@ def _shared_buffers(
     members: list[list[torch.nn.Parameter]], world: int, group: Any
 ) -> list[torch.Tensor | None]:
     """Each group's rank-major buffer in one host shared-memory mapping (collective), or ``None`` each."""
-    layouts = [BucketLayout([p.shape for p in ps], world) if ps else None for ps in members]
-    sizes = [
-        align_up(lay.full_numel * ps[0].element_size(), _ALIGN) if lay is not None else 0
-        for lay, ps in zip(layouts, members)
+    nbytes = [
+        BucketLayout([p.shape for p in ps], world).full_numel * ps[0].element_size() if ps else 0
+        for ps in members
     ]
     usable = all(p.device.type == "cpu" for ps in members for p in ps)
-    storage = shared_storage(group, sum(sizes), usable) if world > 1 else None
-    if storage is None:
+    regions = shared_regions(group, nbytes, usable, _ALIGN) if world > 1 else None
+    if regions is None:
         return [None] * len(members)
-    out: list[torch.Tensor | None] = []
-    offset = 0
-    for lay, ps, size in zip(layouts, members, sizes):
-        if lay is None:
-            out.append(None)
-            continue
-        nbytes = lay.full_numel * ps[0].element_size()
-        out.append(storage[offset : offset + nbytes].view(ps[0].dtype))
-        offset += size
-    return out
+    return [r.view(ps[0].dtype) if ps else None for r, ps in zip(regions, members)]
 
 
 def members_element_size(members: list[list[torch.nn.Parameter]]) -> int:
