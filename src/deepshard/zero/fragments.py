@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from deepshard import comm
 from deepshard.precision.master import as_rows
+from deepshard.zero.collectives import gather_whole
 from deepshard.zero.layout import ShardSpec
 
 # id(param) -> (weak param, weak partition): entries never keep an engine's state alive.
@@ -60,16 +60,9 @@ def _partition_of(param: torch.Tensor) -> Any:
 
 
 def _gather_rows(local: torch.Tensor, shape: torch.Size, partition: Any) -> torch.Tensor:
-    """Whole fp32 tensor of ``shape`` from every rank's dim-0 rows."""
-    local = local.detach().to(torch.float32)
-    if not partition.stage.shard_optimizer or partition.world == 1:
-        return local.reshape(shape).clone()
-    spec = ShardSpec(torch.Size(shape), partition.world)
-    padded = torch.zeros(spec.shard_numel, dtype=torch.float32, device=local.device)
-    padded[: local.numel()] = local.reshape(-1)
-    full = torch.empty(spec.shard_numel * partition.world, dtype=torch.float32, device=local.device)
-    comm.all_gather_into_tensor(full, padded, group=partition.group)
-    return full.view(spec.shard_rows * partition.world, spec.row_numel)[: spec.rows].reshape(shape).clone()
+    """Whole fp32 tensor of ``shape`` from every rank's dim-0 rows (its own copy when nothing is sharded)."""
+    world = partition.world if partition.stage.shard_optimizer else 1
+    return gather_whole(local, shape, world, partition.group)
 
 
 def _my_rows(whole: torch.Tensor, param: torch.Tensor, partition: Any) -> torch.Tensor:

@@ -281,10 +281,11 @@ def build_partition(
         whole = [p for p in units.persistent if p.requires_grad]  # made whole after the step
     else:
         trainable = whole = unique_trainable(params)
-    reducer = _reducer(stage, trainable, policy, zero_cfg, spec, rank, group, units)
+    reducer = _reducer(stage, trainable, policy, zero_cfg, spec, rank, group, units)  # before the shared copy
     # sharded optimizer on one host: one shared copy of the whole parameters replaces their all-gather
     # (before the masters are made, since fp32 masters are views of the parameters' rows)
-    shared = SharedParameters.create(whole, group) if stage.shard_optimizer and world > 1 else None
+    use_shm = bool(zero_cfg.host_shared_memory)
+    shared = SharedParameters.create(whole, group, use_shm) if stage.shard_optimizer and world > 1 else None
     shards = units.shards if units is not None else None
     numels = master_numels(trainable, rank, world, sharded=stage.shard_optimizer, shards=shards)
     if units is None:  # stage 3 checked its shards and masters before its swap space was made
@@ -376,7 +377,16 @@ def _reducer(
     if stage.shard_optimizer and world > 1:
         # stage 1 on one host: gradients in shared memory, each rank reduces only its own rows
         row_range = lambda p: ShardSpec(p.shape, world).row_range(rank)  # noqa: E731
-        shared = try_shared_row_reducer(trainable, policy.grad_dtype, bucket, spec, rank, row_range, group)
+        shared = try_shared_row_reducer(
+            trainable,
+            policy.grad_dtype,
+            bucket,
+            spec,
+            rank,
+            row_range,
+            group,
+            bool(zero_cfg.host_shared_memory),
+        )
         if shared is not None:
             return shared
     return AllReduceGradReducer(trainable, policy.grad_dtype, bucket, spec, group=group, overlap=overlap)

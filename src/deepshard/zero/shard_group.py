@@ -35,6 +35,7 @@ import torch
 from deepshard import comm
 from deepshard.offload.swap import PendingRead, SwapSpace
 from deepshard.precision.master import as_rows
+from deepshard.zero.collectives import copy_out, own_segment, rank_major_copies
 from deepshard.zero.layout import BucketLayout
 from deepshard.zero.rows import LOCAL_ROWS
 from deepshard.zero.watchdog import CollectiveDivergedError, wait_collective
@@ -145,17 +146,7 @@ class ShardGroup:
             self.views.append(self.full[offset : offset + p.numel()].view(p.shape))
             offset += p.numel()
         # (full offset, rank-major offset, numel) of every rank's rows of every member
-        self._copies: list[tuple[int, int, int]] = []
-        offset = 0
-        for i, (p, spec) in enumerate(zip(self.params, self.layout.specs)):
-            for q in range(world):
-                start, end = spec.row_range(q)
-                if end > start:
-                    n = (end - start) * spec.row_numel
-                    self._copies.append(
-                        (offset + start * spec.row_numel, q * seg + self.layout.offsets[i], n)
-                    )
-            offset += p.numel()
+        self._copies = rank_major_copies(self.layout, [p.numel() for p in self.params])
         nan = torch.full((1,), float("nan"), dtype=self.dtype, device=self.device)
         self.placeholders = [nan.expand(p.shape) if p.dim() else nan.view(()) for p in self.params]
         self._full_bytes = self.numel * self.full.element_size()
@@ -176,12 +167,7 @@ class ShardGroup:
     def _unpack_staged(self, pending: PendingRead) -> torch.Tensor:
         """(Worker thread, one rank) wait for the segment's read and copy it into the full storage."""
         staged = pending.wait()
-        src = self._staged(staged)
-        if self._copies:
-            torch._foreach_copy_(
-                [self.full[d : d + n] for d, _, n in self._copies],
-                [src[s : s + n] for _, s, n in self._copies],
-            )
+        copy_out(self.full, self._staged(staged), self._copies)
         return staged
 
     def _staged(self, buffer: torch.Tensor) -> torch.Tensor:
@@ -306,7 +292,7 @@ class ShardGroup:
                 self.full.untyped_storage().resize_(self._full_bytes)
                 self._unpacked = _UNPACK.submit(self._unpack_staged, self._read)
             return
-        mine = buffer.view(self.world, self.layout.segment_numel)[self.rank]
+        mine = own_segment(self.layout, buffer, self.rank)
         mine.copy_(self.segment, non_blocking=True)
         self._work = comm.all_gather_into_tensor(buffer, mine, group=self.group, async_op=True)
         if self._work is None:  # not distributed: nothing in flight
@@ -335,7 +321,7 @@ class ShardGroup:
         if self._read is not None:  # several ranks: this rank's segment arrived from NVMe, all-gather it now
             staged = self._read.wait()
             self._read = None
-            mine = buffer.view(self.world, self.layout.segment_numel)[self.rank]
+            mine = own_segment(self.layout, buffer, self.rank)
             mine.copy_(self._staged(staged))
             assert self.swap is not None
             self.swap.give(staged)
@@ -343,11 +329,7 @@ class ShardGroup:
         wait_collective(work, f"all-gather of ZeRO-3 unit '{self.name}' ({what})", self.rank)
         self._work = None
         self.full.untyped_storage().resize_(self._full_bytes)
-        if self._copies:
-            torch._foreach_copy_(
-                [self.full[d : d + n] for d, _, n in self._copies],
-                [buffer[s : s + n] for _, s, n in self._copies],
-            )
+        copy_out(self.full, buffer, self._copies)
         if self._release_buffer is not None:
             self._release_buffer(buffer)
         self._buffer = self._release_buffer = None

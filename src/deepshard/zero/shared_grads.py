@@ -126,6 +126,7 @@ def try_shared_row_reducer(
     rank: int,
     row_range: RowRange,
     group: Any = None,
+    configured: bool = True,
 ) -> SharedRowReducer | None:
     """A :class:`SharedRowReducer` where the ranks share a host (collective), else ``None``."""
     if spec.world_size == 1:
@@ -133,7 +134,7 @@ def try_shared_row_reducer(
     usable = all(p.device.type == "cpu" and p.dtype == grad_dtype for p in params)
     nbytes = sum(p.numel() for p in params) * torch.empty((), dtype=grad_dtype).element_size()
     # one page-aligned region per rank (see unmap_pages), each a whole number of pages
-    regions = shared_regions(group, [align_up(nbytes, PAGE)] * spec.world_size, usable, PAGE)
+    regions = shared_regions(group, [align_up(nbytes, PAGE)] * spec.world_size, usable, PAGE, configured)
     if regions is None:
         return None
     return SharedRowReducer(params, grad_dtype, bucket_elements, spec, rank, row_range, regions, group)

@@ -14,7 +14,8 @@ same values); ``finish_update()`` casts this rank's masters into its rows where 
 copies, then fences, so that every rank sees every row before it reads again.
 
 Conditions: a gloo group on one host, CPU parameters; otherwise :meth:`SharedParameters.create`
-returns ``None`` and the all-gather path is used. ``DEEPSHARD_HOST_SHM=0`` turns it off. The
+returns ``None`` and the all-gather path is used. ``zero_optimization.host_shared_memory: false`` (or the
+overriding environment variable ``DEEPSHARD_HOST_SHM=0``) turns it off. The
 parameters' storage must not be replaced after ``initialize`` (``module.to(...)``, ``.half()``); a
 step detects that and stops with an error.
 """
@@ -49,11 +50,14 @@ class SharedParameters:
 
     @classmethod
     @torch.no_grad()
-    def create(cls, params: Sequence[torch.Tensor], group: Any = None) -> SharedParameters | None:
+    def create(
+        cls, params: Sequence[torch.Tensor], group: Any = None, configured: bool = True
+    ) -> SharedParameters | None:
         """Move ``params`` (identical on every rank) into shared memory; collective; ``None`` if impossible."""
         params = list(params)
         usable = all(p.device.type == "cpu" and p.is_contiguous() for p in params) and bool(params)
-        regions = shared_regions(group, [p.numel() * p.element_size() for p in params], usable, _ALIGN)
+        nbytes = [p.numel() * p.element_size() for p in params]
+        regions = shared_regions(group, nbytes, usable, _ALIGN, configured)
         if regions is None:
             return None
         storage = regions[0]._base if regions[0]._base is not None else regions[0]  # the whole mapping
@@ -72,7 +76,7 @@ class SharedParameters:
             raise SharedStorageError(
                 "a parameter's storage was replaced after deepshard.initialize() (e.g. engine.module.to(...) or "
                 ".half()); at ZeRO stages 1-2 on one host the parameters live in shared memory, so move or cast "
-                "the model before initialize(), or set DEEPSHARD_HOST_SHM=0."
+                "the model before initialize(), or set zero_optimization.host_shared_memory to false (or DEEPSHARD_HOST_SHM=0)."
             )
 
     def begin_update(self) -> None:

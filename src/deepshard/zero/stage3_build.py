@@ -119,7 +119,11 @@ def shard_units(
     check_space(zero_cfg, sum(segment_bytes), sum(segment_numels) + sum(persistent_rows))
     swap = param_swap(zero_cfg, aio, segment_bytes)
     # NVMe-offloaded shards must leave memory, so they are not placed in the host's shared mapping
-    buffers = _shared_buffers(members, world, group) if param_tier != "nvme" else [None] * len(members)
+    buffers = (
+        _shared_buffers(members, world, group, bool(zero_cfg.host_shared_memory))
+        if param_tier != "nvme"
+        else [None] * len(members)
+    )
     segment_device = torch.device("cpu") if param_tier != "none" else None
     groups: list[ShardGroup | None] = [
         ShardGroup(
@@ -186,7 +190,7 @@ def stage3_runtime(module: torch.nn.Module, units: Stage3Units, zero_cfg: Any) -
 
 
 def _shared_buffers(
-    members: list[list[torch.nn.Parameter]], world: int, group: Any
+    members: list[list[torch.nn.Parameter]], world: int, group: Any, configured: bool
 ) -> list[torch.Tensor | None]:
     """Each group's rank-major buffer in one host shared-memory mapping (collective), or ``None`` each."""
     nbytes = [
@@ -194,7 +198,7 @@ def _shared_buffers(
         for ps in members
     ]
     usable = all(p.device.type == "cpu" for ps in members for p in ps)
-    regions = shared_regions(group, nbytes, usable, _ALIGN) if world > 1 else None
+    regions = shared_regions(group, nbytes, usable, _ALIGN, configured) if world > 1 else None
     if regions is None:
         return [None] * len(members)
     return [r.view(ps[0].dtype) if ps else None for r, ps in zip(regions, members)]
