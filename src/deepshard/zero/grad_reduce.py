@@ -237,6 +237,10 @@ class AllReduceGradReducer(_BucketedReducer):
             self.buffers[b].flat.copy_(bucket.wire)
         bucket.work = bucket.wire = None
 
+    def optimizer_grads(self) -> dict[int, torch.Tensor]:
+        """What the masters get as gradients: here the whole ones (see :meth:`full_grads`)."""
+        return self.full_grads()
+
     def full_grads(self) -> dict[int, torch.Tensor]:
         """``id(param) -> whole gradient`` for every parameter this reducer owns."""
         return {
@@ -415,6 +419,10 @@ class ReduceScatterGradReducer(_BucketedReducer):
             if stale:
                 self.shards[b].zero_()
                 self._stale[b] = False
+
+    def optimizer_grads(self) -> dict[int, torch.Tensor]:
+        """What the masters get as gradients: this rank's shards (see :meth:`shard_grads`)."""
+        return self.shard_grads()
 
     def shard_grads(self) -> dict[int, torch.Tensor]:
         """``id(param) -> this rank's (unpadded) gradient shard`` for every parameter."""

@@ -152,9 +152,7 @@ class ZeroPartition:
 
     def reduced_grads(self) -> dict[int, torch.Tensor]:
         """``id(param) -> reduced gradient``: whole (stages 0-1) or this rank's shard (stage 2)."""
-        if isinstance(self.reducer, ReduceScatterGradReducer | SharedRowReducer):
-            return self.reducer.shard_grads()
-        return self.reducer.full_grads()
+        return self.reducer.optimizer_grads()
 
     def global_norm(self) -> float:
         """L2 norm of all reduced gradients; one tiny all-reduce when they are sharded.

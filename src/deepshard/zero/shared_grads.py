@@ -109,6 +109,10 @@ class SharedRowReducer(AllReduceGradReducer):
             if q != self.rank:
                 unmap_pages(region)  # the others' regions were only read: do not keep them resident
 
+    def optimizer_grads(self) -> dict[int, torch.Tensor]:
+        """What the masters get as gradients: this rank's reduced rows (see :meth:`shard_grads`)."""
+        return self.shard_grads()
+
     def shard_grads(self) -> dict[int, torch.Tensor]:
         """``id(param) -> this rank's reduced rows``."""
         return dict(self._param_rows)
