@@ -12,7 +12,7 @@ from engine_runs import LOSS_TOL, STEPS, reference
 from deepshard.testing.models import GPT, PRESETS
 from deepshard.testing.parity import max_relative_difference, max_state_difference
 from deepshard.zero.init import Init
-from deepshard.zero.shard_group import LOCAL_ROWS
+from deepshard.zero.rows import LOCAL_ROWS
 
 
 def test_values_equal_normal_construction_and_training_matches(dist2):
@@ -97,10 +97,10 @@ def test_single_process_and_disabled():
     torch.manual_seed(0)
     plain = GPT(PRESETS["odd"])
     assert zr.rows_match(model, plain) == []
-    assert getattr(model.blocks[0].qkv.weight, LOCAL_ROWS).shape == (180, 60)
+    assert LOCAL_ROWS.get(model.blocks[0].qkv.weight).shape == (180, 60)
     with Init(enabled=False):
         untouched = GPT(PRESETS["odd"])
-    assert not any(hasattr(p, LOCAL_ROWS) for p in untouched.parameters())
+    assert not any(p in LOCAL_ROWS for p in untouched.parameters())
     assert not any(torch.isnan(p).any() for p in untouched.parameters())
 
 

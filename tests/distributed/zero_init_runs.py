@@ -22,7 +22,7 @@ from deepshard.testing.parity import make_token_batches, train_engine
 from deepshard.zero.gathered import full_state_dict
 from deepshard.zero.init import Init
 from deepshard.zero.layout import ShardSpec
-from deepshard.zero.shard_group import LOCAL_ROWS
+from deepshard.zero.rows import LOCAL_ROWS
 
 # ~45M parameters (180 MB in fp32), mostly in blocks: large enough for RSS to measure, quick to initialise
 MEMORY_MODEL = GPTConfig(vocab_size=4096, seq_len=128, d_model=512, n_layers=14, n_heads=8)
@@ -37,7 +37,7 @@ def rows_match(model: nn.Module, reference: nn.Module) -> list[str]:
     rank, world = deepshard.comm.get_rank(), deepshard.comm.get_world_size()
     bad = []
     for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
-        rows = getattr(p, LOCAL_ROWS, None)
+        rows = LOCAL_ROWS.get(p)
         if rows is None:
             ok = torch.equal(p.detach(), q.detach())
         else:
@@ -62,7 +62,7 @@ def built_values_and_training() -> dict[str, Any]:
     torch.manual_seed(0)
     with Init(config_dict_or_path=cfg):
         model = GPT(PRESETS["odd"])
-    partitioned = sorted(n for n, p in model.named_parameters() if hasattr(p, LOCAL_ROWS))
+    partitioned = sorted(n for n, p in model.named_parameters() if p in LOCAL_ROWS)
     torch.manual_seed(0)
     plain = GPT(PRESETS["odd"])
     engine, _, _, _ = deepshard.initialize(model=model, config=cfg)
@@ -136,7 +136,7 @@ def zoo_rows(half: bool) -> list[str]:
     bad = rows_match(model, reference.half() if half else reference)
     if not torch.equal(after, torch.rand(4)):
         bad.append("random stream after construction")
-    if sum(hasattr(p, LOCAL_ROWS) for p in model.parameters()) != len(list(model.parameters())):
+    if sum(p in LOCAL_ROWS for p in model.parameters()) != len(list(model.parameters())):
         bad.append("not every parameter was partitioned")
     return bad
 
@@ -167,7 +167,7 @@ def construction_memory() -> dict[str, int]:
     peak[0] = max(peak[0], proc.memory_info().rss)
     held = 0
     for p in model.parameters():
-        rows = getattr(p, LOCAL_ROWS, None)
+        rows = LOCAL_ROWS.get(p)
         held += rows.numel() * rows.element_size() if rows is not None else p.numel() * p.element_size()
     full = sum(p.numel() * 4 for p in model.parameters())
     result = {"full": full, "peak": peak[0] - base, "held": held}
@@ -197,7 +197,7 @@ def seeded_by_rank() -> dict[str, Any]:
     with Init(config_dict_or_path={"zero_optimization": {"stage3_param_persistence_threshold": 100}}):
         model = GPT(PRESETS["odd"])
     after = torch.get_rng_state()
-    partitioned = sum(hasattr(p, LOCAL_ROWS) for p in model.parameters())
+    partitioned = sum(p in LOCAL_ROWS for p in model.parameters())
     return {"bad": rows_match(model, reference), "partitioned": partitioned,
             "own_generator_back": torch.equal(after, own_next) if rank else None}  # fmt: skip
 
@@ -250,7 +250,7 @@ def uninitialised_then_filled_by_rank0(path: str) -> dict[str, Any]:
     reference = nn.Linear(64, 48)
     reference.load_state_dict(saved)
     return {"bad": rows_match(model, reference), "inside_equal": inside_equal,
-            "partitioned": sum(hasattr(p, LOCAL_ROWS) for p in model.parameters())}  # fmt: skip
+            "partitioned": sum(p in LOCAL_ROWS for p in model.parameters())}  # fmt: skip
 
 
 def convert_existing() -> list[str]:
@@ -261,6 +261,6 @@ def convert_existing() -> list[str]:
     reference = GPT(PRESETS["odd"])
     Init(module=model, config_dict_or_path={"zero_optimization": {"stage3_param_persistence_threshold": 100}})
     bad = rows_match(model, reference)
-    if not any(hasattr(p, LOCAL_ROWS) for p in model.parameters()):
+    if not any(p in LOCAL_ROWS for p in model.parameters()):
         bad.append("nothing was partitioned")
     return bad

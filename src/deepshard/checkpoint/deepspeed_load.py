@@ -33,6 +33,7 @@ from deepshard.checkpoint.state import (
     module_entries,
     module_row_shards,
     optimizer_fqns,
+    restore_counters,
     row_shards,
 )
 from deepshard.utils.logging import log_dist
@@ -190,8 +191,7 @@ def load_deepspeed_into_engine(engine: Any, path: Path, opts: LoadOptions) -> di
         engine.lr_scheduler.load_state_dict(dict(state.lr_scheduler))
     if restore_all:
         _restore_loss_scale(engine, state)
-        for name, value in state.counters.items():
-            setattr(engine, name, int(value))
+        restore_counters(engine, state.counters)
         # DeepSpeed saves at accumulation boundaries and keeps no micro-step count
         engine.micro_steps = state.counters["global_steps"] * engine.gradient_accumulation_steps()
     log_dist(

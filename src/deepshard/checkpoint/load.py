@@ -36,6 +36,7 @@ from deepshard.checkpoint.state import (
     module_entries,
     module_row_shards,
     optimizer_fqns,
+    restore_counters,
     row_shards,
     shard_tensor,
     sharded_rows,
@@ -310,8 +311,7 @@ def load_into_engine(
         engine.lr_scheduler.load_state_dict(es["lr_scheduler"])
     if restore_all:
         engine.loss_scaler.load_state_dict(es["loss_scaler"])
-        for name, value in es["counters"].items():
-            setattr(engine, name, int(value))
+        restore_counters(engine, es["counters"])
         _restore_rank_state(engine, path)
     return es["client_state"]
 

@@ -202,7 +202,10 @@ def module_row_shards(engine: Any) -> dict[str, RowShard]:
     world, rank = int(engine.dp_world_size), int(engine.partition.rank)
     from deepshard.zero.layout import ShardSpec
 
-    return {name: RowShard(p.shape, ShardSpec(p.shape, world).row_range(rank)) for name, p in runtime.named_sharded()}
+    return {
+        name: RowShard(p.shape, ShardSpec(p.shape, world).row_range(rank))
+        for name, p in runtime.named_sharded()
+    }
 
 
 def _whole_scalar(local: torch.Tensor, group: Any, world: int) -> torch.Tensor:
@@ -247,7 +250,9 @@ def capture(engine: Any, client_state: dict[str, Any] | None, exclude_frozen: bo
         if MODEL + name not in tensors:
             continue
         if shard.scalar:
-            tensors[MODEL + name] = _whole_scalar(tensors[MODEL + name], engine.dp_group, int(engine.dp_world_size))
+            tensors[MODEL + name] = _whole_scalar(
+                tensors[MODEL + name], engine.dp_group, int(engine.dp_world_size)
+            )
         elif distributed:
             global_shapes[MODEL + name] = shard.shape
 
@@ -298,12 +303,7 @@ def capture(engine: Any, client_state: dict[str, Any] | None, exclude_frozen: bo
         "zero_stage": int(engine.zero_optimization_stage()),
         "dp_world_size": int(engine.dp_world_size),
         "param_dtype": str(next(iter(entries.tensors.values())).dtype) if entries.tensors else "",
-        "counters": {
-            "global_steps": engine.global_steps,
-            "global_samples": engine.global_samples,
-            "skipped_steps": engine.skipped_steps,
-            "micro_steps": engine.micro_steps,
-        },
+        "counters": capture_counters(engine),
         "module": {
             "keys": list(entries.tensors),
             "aliases": entries.aliases,
@@ -321,3 +321,39 @@ def capture(engine: Any, client_state: dict[str, Any] | None, exclude_frozen: bo
         "dataloader": loader.state_dict() if loader is not None and hasattr(loader, "state_dict") else None,
     }
     return Captured(tensors, engine_state, rank_state, global_shapes)
+
+
+COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
+"""The engine's step counters a checkpoint carries (DeepSpeed's names)."""
+
+
+def capture_counters(engine: Any) -> dict[str, int]:
+    """The engine's :data:`COUNTERS` by name."""
+    return {
+        "global_steps": int(engine.global_steps),
+        "global_samples": int(engine.global_samples),
+        "skipped_steps": int(engine.skipped_steps),
+        "micro_steps": int(engine.micro_steps),
+    }
+
+
+def restore_counters(engine: Any, values: dict[str, Any]) -> None:
+    """Set the engine's counters present in ``values`` (read from a checkpoint file).
+
+    Only the names in :data:`COUNTERS` are accepted, each assigned to its own attribute: a file never
+    chooses which attribute of the engine is written.
+    """
+    unknown = sorted(set(values) - set(COUNTERS))
+    if unknown:
+        raise ValueError(
+            f"checkpoint counters {unknown} are not engine counters (known: {list(COUNTERS)}); the file was "
+            "not written by deepshard or DeepSpeed, or is damaged: load another checkpoint"
+        )
+    if "global_steps" in values:
+        engine.global_steps = int(values["global_steps"])
+    if "global_samples" in values:
+        engine.global_samples = int(values["global_samples"])
+    if "skipped_steps" in values:
+        engine.skipped_steps = int(values["skipped_steps"])
+    if "micro_steps" in values:
+        engine.micro_steps = int(values["micro_steps"])

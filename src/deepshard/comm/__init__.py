@@ -30,7 +30,6 @@ __all__ = [
     "is_available",
     "get_rank",
     "get_world_size",
-    "global_rank",
     "get_local_rank",
     "get_local_world_size",
     "get_backend",
@@ -182,11 +181,16 @@ def get_world_size(group: Any = None) -> int:
     return dist.get_world_size(group) if is_initialized() else 1
 
 
-def global_rank(group: Any, group_rank: int) -> int:
-    """The global rank of ``group``'s rank ``group_rank`` (itself for the default group or no group)."""
+def get_global_rank(group: Any, group_rank: int) -> int:
+    """The global rank of ``group``'s rank ``group_rank`` (itself for the default group or no process group)."""
     if group is None or not is_initialized():
         return group_rank
     return int(dist.get_global_rank(group, group_rank))
+
+
+def world_id() -> int | None:
+    """An identity of the current default process group (another once it is re-created), or ``None``."""
+    return id(dist.distributed_c10d._get_default_group()) if is_initialized() else None
 
 
 def get_local_rank() -> int:

@@ -8,7 +8,9 @@ gloo barrier (~70 µs here). :mod:`deepshard.zero.shared_params` uses it for the
 The file is created by the group's first rank under ``/dev/shm``, opened by all, and unlinked as soon
 as everyone has mapped it, so nothing is left behind even if the job is killed. Memory is only shared
 when every rank of the group reports the same host (hostname and boot id) and could map the file;
-otherwise ``None`` is returned and callers use collectives. ``DEEPSHARD_HOST_SHM=0`` turns it off.
+otherwise ``None`` is returned and callers use collectives. The config key
+``zero_optimization.host_shared_memory: false`` turns it off; the environment variable
+``DEEPSHARD_HOST_SHM`` (``0``/``1``), when set, overrides the key.
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from deepshard.offload.aio import align_up
 
 logger = logging.getLogger("deepshard")
 
@@ -38,24 +43,24 @@ def _host_id() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
-def enabled() -> bool:
-    """Whether shared-memory windows may be used (``DEEPSHARD_HOST_SHM`` is not ``0``)."""
-    return os.environ.get("DEEPSHARD_HOST_SHM", "1") != "0"
+def enabled(configured: bool = True) -> bool:
+    """Whether shared-memory windows may be used: ``configured`` (the config's
+    ``zero_optimization.host_shared_memory``) unless the environment variable ``DEEPSHARD_HOST_SHM`` is
+    set, which overrides it (``0`` off, anything else on)."""
+    env = os.environ.get("DEEPSHARD_HOST_SHM")
+    return configured if env is None else env != "0"
 
 
-def align_up(nbytes: int, to: int) -> int:
-    """``nbytes`` rounded up to a multiple of ``to``."""
-    return -(-nbytes // to) * to
-
-
-def shared_storage(group: Any, nbytes: int, usable: bool = True) -> torch.Tensor | None:
+def shared_storage(
+    group: Any, nbytes: int, usable: bool = True, configured: bool = True
+) -> torch.Tensor | None:
     """``nbytes`` of memory mapped by every rank of ``group`` (collective), or ``None`` where impossible.
 
-    ``None`` when shared memory is off, the group is not gloo, has one rank, spans several hosts, a rank
+    ``None`` when shared memory is off (``configured``, see :func:`enabled`), the group is not gloo, has one rank, spans several hosts, a rank
     passed ``usable=False`` (its own reason to decline, e.g. tensors not on the CPU), or a rank could
     not map the file (logged at INFO).
     """
-    if not (enabled() and dist.is_available() and dist.is_initialized()) or nbytes <= 0:
+    if not (enabled(configured) and dist.is_available() and dist.is_initialized()) or nbytes <= 0:
         return None
     if "gloo" not in str(dist.get_backend(group)):
         return None
@@ -93,6 +98,24 @@ def shared_storage(group: Any, nbytes: int, usable: bool = True) -> torch.Tensor
         logger.info("shared memory not available (%s); using gloo collectives", error or "another rank")
         return None
     return storage
+
+
+def shared_regions(
+    group: Any, nbytes: Sequence[int], usable: bool = True, align: int = 64, configured: bool = True
+) -> list[torch.Tensor] | None:
+    """One mapping shared by every rank of ``group`` (collective, see :func:`shared_storage`), cut into
+    ``uint8`` regions of ``nbytes[i]`` bytes, each starting at a multiple of ``align`` bytes from the
+    mapping's start (page-aligned with ``align=PAGE``), or ``None`` where memory cannot be shared."""
+    sizes = [align_up(n, align) for n in nbytes]
+    storage = shared_storage(group, sum(sizes), usable, configured)
+    if storage is None:
+        return None
+    out: list[torch.Tensor] = []
+    offset = 0
+    for n, size in zip(nbytes, sizes):
+        out.append(storage[offset : offset + n])
+        offset += size
+    return out
 
 
 def release_freed_heap() -> None:

@@ -191,6 +191,13 @@ class ZeroConfig(StrictModel):
         description="Overlap gradient reduction with the backward pass. `null` (the default) means `true` at "
         "stage 3 and `false` otherwise, as in DeepSpeed; read `effective_overlap_comm` for the value in force.",
     )
+    host_shared_memory: bool = Field(
+        default=True,
+        description="deepshard extension: when every data-parallel rank runs on one host over gloo, keep the "
+        "parameters (stages 1-3) and stage-1 gradients in one shared-memory mapping instead of exchanging them "
+        "with collectives. The environment variable `DEEPSHARD_HOST_SHM` (`0` or `1`), when set, overrides it. "
+        "See docs/zero.md.",
+    )
     load_from_fp32_weights: bool = Field(
         default=True,
         description="Initialise fp32 master weights from the checkpoint's fp32 copy rather than the 16-bit model.",

@@ -39,10 +39,13 @@ class MasterWeights:
         device: torch.device | None = None,
         pin_memory: bool = False,
         sink: Callable[[int, torch.Tensor], None] | None = None,
+        published_early: bool = False,
     ) -> None:
         """``device``: where fp32 copies live (default: with their parameter; the host for optimizer
         offload, page-locked with ``pin_memory``). ``sink(i, master)`` is called as each master is
-        made, so that an offload tier can take it away before the next one exists."""
+        made, so that an offload tier can take it away before the next one exists.
+        ``published_early``: each step writes its updated masters into the model itself (offload), so
+        the casts after the step are skipped and updated rows are read from the parameters."""
         self.params: list[torch.Tensor] = list(params)
         self.needs_fp32_copy = needs_fp32_copy
         self.sharded = row_range is not None
@@ -50,7 +53,7 @@ class MasterWeights:
         # ZeRO-3: this rank's rows live in a shard tensor of their own, not in the parameter
         self.shards: dict[int, torch.Tensor] = dict(shards or {})
         self.masters: list[torch.Tensor] = []
-        self.published_early = False  # offload: each step writes updated masters into the model itself
+        self.published_early = published_early
         for i, (p, rows) in enumerate(zip(self.params, self.ranges)):
             if id(p) in self.shards:
                 local = self.shards[id(p)]

@@ -44,7 +44,8 @@ from deepshard.utils.logging import log_dist
 from deepshard.zero import fragments
 from deepshard.zero.grad_reduce import ReduceSpec
 from deepshard.zero.partition import build_partition
-from deepshard.zero.shard_group import LOCAL_ROWS, cast_module
+from deepshard.zero.rows import LOCAL_ROWS
+from deepshard.zero.shard_group import cast_module
 from deepshard.zero.stage import ZeroStage
 
 OptimizerLike = torch.optim.Optimizer | Callable[..., torch.optim.Optimizer]
@@ -94,7 +95,7 @@ class DeepShardEngine(torch.nn.Module):
 
         # 1. precision policy and the module in its dtype, identical on every rank
         self.precision = PrecisionPolicy.from_config(config)
-        if config.zero_optimization.stage < 3 and any(hasattr(p, LOCAL_ROWS) for p in model.parameters()):
+        if config.zero_optimization.stage < 3 and any(p in LOCAL_ROWS for p in model.parameters()):
             raise ValueError(
                 "the model was built under deepshard.zero.Init (its large parameters hold only this rank's rows), "
                 f"but zero_optimization.stage is {config.zero_optimization.stage}; set zero_optimization.stage "
@@ -159,7 +160,7 @@ class DeepShardEngine(torch.nn.Module):
     def _broadcast_model(self) -> None:
         if self.dp_world_size > 1:
             # parameters built sharded by zero.Init were made identical on every rank when built
-            tensors = [t.data for t in self.module.parameters() if not hasattr(t, LOCAL_ROWS)]
+            tensors = [t.data for t in self.module.parameters() if t not in LOCAL_ROWS]
             tensors += list(self.module.buffers())
             src = torch.distributed.get_global_rank(self.dp_group, 0) if self.dp_group is not None else 0
             broadcast_coalesced(tensors, src=src, group=self.dp_group)

@@ -21,7 +21,8 @@ from typing import Any, TypeVar
 import torch
 
 from deepshard.precision.master import as_rows
-from deepshard.zero.layout import ShardSpec, gather_rows
+from deepshard.zero.collectives import gather_whole
+from deepshard.zero.layout import ShardSpec
 
 # id(param) -> (weak param, weak partition): entries never keep an engine's state alive.
 _REGISTRY: dict[int, tuple[weakref.ref[torch.Tensor], weakref.ref[Any]]] = {}
@@ -59,11 +60,9 @@ def _partition_of(param: torch.Tensor) -> Any:
 
 
 def _gather_rows(local: torch.Tensor, shape: torch.Size, partition: Any) -> torch.Tensor:
-    """Whole fp32 tensor of ``shape`` from every rank's dim-0 rows."""
-    local = local.detach().to(torch.float32)
-    if not partition.stage.shard_optimizer or partition.world == 1:
-        return local.reshape(shape).clone()
-    return gather_rows(local, ShardSpec(torch.Size(shape), partition.world), partition.group)
+    """Whole fp32 tensor of ``shape`` from every rank's dim-0 rows (its own copy when nothing is sharded)."""
+    world = partition.world if partition.stage.shard_optimizer else 1
+    return gather_whole(local, shape, world, partition.group)
 
 
 def _my_rows(whole: torch.Tensor, param: torch.Tensor, partition: Any) -> torch.Tensor:

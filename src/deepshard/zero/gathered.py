@@ -16,16 +16,15 @@ from types import TracebackType
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from deepshard import comm
 from deepshard.zero.init_gather import InitGather, init_group
-
-GROUP_ATTR = "_deepshard_group"  # on each sharded parameter: its ShardGroup (which knows its runtime)
+from deepshard.zero.rows import OWNERS
 
 
 def _group_of(param: torch.Tensor) -> Any:
-    return getattr(param, GROUP_ATTR, None)
+    """The ShardGroup holding ``param`` (which knows its runtime), or ``None`` for a whole parameter."""
+    return OWNERS.get(param)
 
 
 class GatheredParameters:
@@ -102,11 +101,11 @@ class GatheredParameters:
         assert self.modifier_rank is not None
         if comm.is_initialized() and comm.get_world_size() > 1:
             group = partition.group if partition is not None else None
-            src = dist.get_global_rank(group, self.modifier_rank) if group is not None else self.modifier_rank
+            src = comm.get_global_rank(group, self.modifier_rank)
             tensors = [g.full for g in self.groups]
             tensors += [p.data for p in self.plain]
             for t in tensors:
-                dist.broadcast(t, src=src, group=group)
+                comm.broadcast(t, src=src, group=group)
         for g in self.groups:
             g.write_back()
         if partition is not None:

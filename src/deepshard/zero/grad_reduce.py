@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from deepshard import comm
 from deepshard.comm.bucketing import FlatBuffer, plan_buckets
@@ -224,7 +223,7 @@ class AllReduceGradReducer(_BucketedReducer):
         if self.spec.world_size == 1:
             return
         bucket.wire = self._wire(self.buffers[b].flat)
-        bucket.work = dist.all_reduce(bucket.wire, group=self.group, async_op=True)
+        bucket.work = comm.all_reduce(bucket.wire, group=self.group, async_op=True)
 
     def _land(self, b: int) -> None:
         bucket = self.buckets[b]
@@ -237,6 +236,10 @@ class AllReduceGradReducer(_BucketedReducer):
         if bucket.wire is not self.buffers[b].flat:
             self.buffers[b].flat.copy_(bucket.wire)
         bucket.work = bucket.wire = None
+
+    def optimizer_grads(self) -> dict[int, torch.Tensor]:
+        """What the masters get as gradients: here the whole ones (see :meth:`full_grads`)."""
+        return self.full_grads()
 
     def full_grads(self) -> dict[int, torch.Tensor]:
         """``id(param) -> whole gradient`` for every parameter this reducer owns."""
@@ -416,6 +419,10 @@ class ReduceScatterGradReducer(_BucketedReducer):
             if stale:
                 self.shards[b].zero_()
                 self._stale[b] = False
+
+    def optimizer_grads(self) -> dict[int, torch.Tensor]:
+        """What the masters get as gradients: this rank's shards (see :meth:`shard_grads`)."""
+        return self.shard_grads()
 
     def shard_grads(self) -> dict[int, torch.Tensor]:
         """``id(param) -> this rank's (unpadded) gradient shard`` for every parameter."""

@@ -4,7 +4,7 @@ Inside ``with deepshard.zero.Init(config_dict_or_path=cfg): model = GPT(...)`` e
 least ``zero_optimization.stage3_param_persistence_threshold`` elements is cut to this rank's dim-0 rows
 (:class:`~deepshard.zero.layout.ShardSpec`, ``torch.chunk`` semantics over the data-parallel group) the
 moment its module is assigned into its parent, i.e. right after the child's ``__init__`` returned. The
-rows are kept in the ``LOCAL_ROWS`` attribute (:mod:`deepshard.zero.shard_group`), which stage 3 adopts
+rows are kept in the ``LOCAL_ROWS`` registry (:mod:`deepshard.zero.rows`), which stage 3 adopts
 as the parameter's shard, and ``param.data`` becomes a one-element NaN placeholder broadcast to the real
 shape. Smaller parameters stay whole.
 
@@ -197,7 +197,7 @@ def _adopt_rank0_generator(group: Any, world: int) -> torch.Tensor | None:
         return None
     own = torch.get_rng_state()
     rank0 = own.to(_collective_device(group), copy=True)
-    comm.broadcast(rank0, src=comm.global_rank(group, 0), group=group)
+    comm.broadcast(rank0, src=comm.get_global_rank(group, 0), group=group)
     rank0 = rank0.cpu()
     if torch.equal(own, rank0):
         return None

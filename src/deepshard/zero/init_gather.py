@@ -11,32 +11,29 @@ rows of what rank 0 wrote). This module is that path; once an engine owns the pa
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
 
 from deepshard import comm
 from deepshard.precision.master import as_rows
-from deepshard.zero.layout import ShardSpec, gather_rows
-from deepshard.zero.shard_group import LOCAL_ROWS
+from deepshard.zero.collectives import gather_whole
+from deepshard.zero.layout import ShardSpec
+from deepshard.zero.rows import LOCAL_ROWS, ParamRegistry
 
-_GROUPS: dict[int, tuple[weakref.ref[torch.Tensor], Any]] = {}
-"""id(parameter) -> (the parameter, the process group zero.Init split it over)."""
+INIT_GROUPS: ParamRegistry[Any] = ParamRegistry("the process group zero.Init split each parameter over")
 
 
 def remember(param: torch.Tensor, group: Any) -> None:
     """Record the group ``zero.Init`` partitioned ``param`` over (called when the context exits)."""
-    key = id(param)
-    _GROUPS[key] = (weakref.ref(param, lambda _ref: _GROUPS.pop(key, None)), group)
+    INIT_GROUPS.set(param, group)
 
 
 def init_group(param: torch.Tensor) -> tuple[bool, Any]:
     """``(True, group)`` for a parameter partitioned by ``zero.Init`` and not yet adopted by an engine."""
-    entry = _GROUPS.get(id(param))
-    if entry is None or entry[0]() is not param or getattr(param, LOCAL_ROWS, None) is None:
+    if param not in INIT_GROUPS or param not in LOCAL_ROWS:
         return False, None
-    return True, entry[1]
+    return True, INIT_GROUPS.get(param)
 
 
 class InitGather:
@@ -52,9 +49,10 @@ class InitGather:
     def gather(self) -> None:
         """Collective: every parameter shows its whole value (rows of all ranks)."""
         for p in self.params:
-            rows: torch.Tensor = getattr(p, LOCAL_ROWS)
+            rows = LOCAL_ROWS.get(p)
+            assert rows is not None
             self.placeholders.append(p.data)
-            p.data = gather_rows(rows, ShardSpec(p.shape, self.world), self.group)
+            p.data = gather_whole(rows, p.shape, self.world, self.group, dtype=None)
 
     @torch.no_grad()
     def release(self, modifier_rank: int | None) -> None:
@@ -63,8 +61,9 @@ class InitGather:
         for p, placeholder in zip(self.params, self.placeholders):
             full = p.data
             if modifier_rank is not None:
-                comm.broadcast(full, src=comm.global_rank(self.group, modifier_rank), group=self.group)
-                rows: torch.Tensor = getattr(p, LOCAL_ROWS)
+                comm.broadcast(full, src=comm.get_global_rank(self.group, modifier_rank), group=self.group)
+                rows = LOCAL_ROWS.get(p)
+                assert rows is not None
                 start, end = ShardSpec(p.shape, self.world).row_range(rank)
                 rows.copy_(as_rows(full)[start:end].reshape(rows.shape))
             p.data = placeholder

@@ -6,7 +6,6 @@ See :mod:`deepshard.zero.init` for the mechanism and its guarantees.
 
 from __future__ import annotations
 
-import struct
 import threading
 import weakref
 import zlib
@@ -19,91 +18,24 @@ from torch.overrides import TorchFunctionMode
 from deepshard import comm
 from deepshard.comm.host_shm import release_freed_heap
 from deepshard.precision.master import as_rows
+from deepshard.zero.init_fingerprint import fold, scalar_digest, tensor_digest
 from deepshard.zero.init_gather import remember
+from deepshard.zero.init_ops import (
+    CONVERSIONS,
+    ZeroInitError,
+    classify,
+    covers_all,
+    op_tensors,
+    read_error,
+    same_or,
+    write_error,
+)
 from deepshard.zero.layout import ShardSpec
-from deepshard.zero.shard_group import LOCAL_ROWS
+from deepshard.zero.rows import LOCAL_ROWS
 
-_init = torch.nn.init
-# torch.nn.init functions overwrite their whole target; some dispatch to the mode themselves, the others
-# reach it through the tensor methods they call
-_INIT_FUNCTIONS = frozenset(
-    {
-        _init.uniform_, _init.normal_, _init.trunc_normal_, _init.constant_, _init.ones_, _init.zeros_,
-        _init.eye_, _init.dirac_, _init.xavier_uniform_, _init.xavier_normal_, _init.kaiming_uniform_,
-        _init.kaiming_normal_, _init.orthogonal_, _init.sparse_,
-    }
-)  # fmt: skip
-_INIT_NAMES = frozenset(f.__name__ for f in _INIT_FUNCTIONS)
-# in-place methods that overwrite every element (randomly or not): run on a materialised full tensor, so that
-# the random stream advances as in a normal construction and later writes in the same init code find it whole
-_FILLS = frozenset(
-    {
-        "normal_", "uniform_", "random_", "bernoulli_", "exponential_", "geometric_", "cauchy_",
-        "log_normal_", "zero_", "fill_", "copy_",
-    }
-)  # fmt: skip
-# in-place elementwise methods: each output row depends only on the same row of self and the operands
-_ELEMENTWISE = frozenset(
-    {
-        "add_", "sub_", "subtract_", "mul_", "multiply_", "div_", "divide_",
-        "true_divide_", "clamp_", "clamp_min_", "clamp_max_", "clip_", "erfinv_", "erf_", "neg_",
-        "negative_", "abs_", "exp_", "expm1_", "log_", "log1p_", "sqrt_", "rsqrt_", "pow_", "square_",
-        "tanh_", "sigmoid_", "sin_", "cos_", "atan_", "sign_", "floor_", "ceil_", "round_", "trunc_",
-        "frac_", "reciprocal_", "relu_", "addcmul_", "addcdiv_", "lerp_", "masked_fill_", "nan_to_num_",
-        "fmod_", "remainder_",
-    }
-)  # fmt: skip
-# in-place methods that change no values
-_PASSIVE = frozenset({"requires_grad_", "share_memory_", "detach_"})
-# methods that return the tensor in another dtype / on another device (Module.to, .half(), ...)
-_CONVERSIONS = frozenset({"to", "type", "half", "float", "double", "bfloat16", "cuda", "cpu"})
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-_MOD = (1 << 61) - 1  # fingerprints are exact integers modulo this prime
 _TRIM_BYTES = 1 << 20  # give the heap back to the OS after dropping a whole tensor this large
-_BLOCK = 1024  # 64-bit words per checksum block
-
-
-def _fold(fingerprint: int, value: int) -> int:
-    """Append ``value`` to a rolling fingerprint (order-sensitive, exact)."""
-    return (fingerprint * 1_000_000_007 + (value % _MOD) + 1) % _MOD
-
-
-def _digest(tensor: torch.Tensor) -> int:
-    """Exact checksum of a tensor's bytes: 64-bit words summed with wrap-around, per block and weighted by block.
-
-    Integer sums modulo 2**64 do not depend on the reduction order, so ranks on different CPUs agree
-    bit for bit; one pass over the data, about as fast as a ``sum()`` (no temporaries of its size).
-    """
-    flat = tensor.detach().reshape(-1)
-    if (flat.storage_offset() * flat.element_size()) % 8 or not flat.is_contiguous():
-        flat = flat.clone()
-    raw = flat.view(torch.uint8)
-    whole = raw.numel() - raw.numel() % 8
-    words = raw[:whole].view(torch.int64)
-    body = words.numel() - words.numel() % _BLOCK
-    # (blocks + 1,): the sum of each block of words, then the sum of the remaining words (int64, wrapping)
-    sums = torch.cat([words[:body].view(-1, _BLOCK).sum(dim=1), words[body:].sum().view(1)])
-    weights = torch.arange(1, sums.numel() + 1, dtype=torch.int64)
-    value = _fold(0, raw.numel())
-    value = _fold(value, int(sums.sum()))
-    value = _fold(value, int((sums * weights).sum()))
-    tail = words[body:]
-    value = _fold(value, int((tail * torch.arange(1, tail.numel() + 1, dtype=torch.int64)).sum()))
-    for byte in raw[whole:].tolist():
-        value = _fold(value, byte)
-    return _fold(value, zlib.crc32(f"{tensor.dtype}{tuple(tensor.shape)}".encode()))
-
-
-def _scalar_digest(value: Any) -> int | None:
-    """A rank-independent number for an operation's non-tensor argument (``None``: not comparable)."""
-    if isinstance(value, bool | int):
-        return int(value)
-    if isinstance(value, float):
-        return int.from_bytes(struct.pack("<d", value), "little")
-    if isinstance(value, str | torch.dtype):
-        return zlib.crc32(str(value).encode())
-    return None
 
 
 def _storage_key(tensor: torch.Tensor) -> int | None:
@@ -226,7 +158,7 @@ class Partitioner:
     # -------------------------------------------------------------- partition / materialise
     def partition(self, p: torch.nn.Parameter, name: str) -> None:
         """Keep this rank's rows of ``p`` and give it a placeholder (no-op for small or done params)."""
-        if hasattr(p, LOCAL_ROWS) or p.numel() < self.threshold or p.is_meta:
+        if p in LOCAL_ROWS or p.numel() < self.threshold or p.is_meta:
             return
         entry = _Entry(p, name)
         self.entries.append(entry)
@@ -255,11 +187,11 @@ class Partitioner:
             entry.base = _nan(full.dtype, full.device)
             self.by_key[_storage_key(entry.base) or 0] = entry
         entry.start, entry.end = ShardSpec(torch.Size(entry.shape), self.world).row_range(self.rank)
-        entry.fingerprint = _fold(entry.fingerprint, _digest(full))
+        entry.fingerprint = fold(entry.fingerprint, tensor_digest(full))
         rows = as_rows(full)[entry.start : entry.end]
         device = self.remote_device or full.device
         rows = rows.to(device=device, copy=True).contiguous()
-        setattr(p, LOCAL_ROWS, rows)
+        LOCAL_ROWS.set(p, rows)
         p.data = entry.placeholder()
         nbytes = full.numel() * full.element_size()
         del full, rows
@@ -293,7 +225,8 @@ class Partitioner:
     def rows_of(self, entry: _Entry) -> torch.Tensor:
         p = entry.ref()
         assert p is not None
-        rows: torch.Tensor = getattr(p, LOCAL_ROWS)
+        rows = LOCAL_ROWS.get(p)
+        assert rows is not None, "a parameter zero.Init did not partition"
         return rows
 
     # -------------------------------------------------------------- exit
@@ -303,14 +236,14 @@ class Partitioner:
             return
         combined = 0
         for entry in self.entries:
-            combined = _fold(combined, entry.fingerprint)
+            combined = fold(combined, entry.fingerprint)
         n = len(self.entries)
         device = _collective_device(self.group)
         seen = torch.tensor([n, -n, combined, -combined], dtype=torch.int64, device=device)
         comm.all_reduce(seen, op=comm.ReduceOp.MAX, group=self.group)
         most, least = int(seen[0]), -int(seen[1])
         if most != least:
-            raise RuntimeError(
+            raise ZeroInitError(
                 "zero.Init: ranks built different models: they partitioned between "
                 f"{least} and {most} parameters (this rank: {n}). Every rank must construct the same model."
             )
@@ -326,7 +259,7 @@ class Partitioner:
         groups: dict[int, list[int]] = {}
         for q in range(self.world):
             groups.setdefault(int(table[q, differs[0]]), []).append(q)
-        raise RuntimeError(
+        raise ZeroInitError(
             "zero.Init: ranks built different initial values, although the construction draws from rank 0's "
             "torch generator: the difference comes from another source of randomness (seed Python's random "
             f"and NumPy identically on every rank). {len(differs)} of {n} partitioned parameters differ, the first being "
@@ -349,10 +282,10 @@ class Partitioner:
                 p.data = entry.placeholder()
             if self.pin_memory and rows.device.type == "cpu":
                 rows = accel.pin_memory(rows)
-            setattr(p, LOCAL_ROWS, rows)
+            LOCAL_ROWS.set(p, rows)
             remember(p, self.group)
         for p in whole:
-            if not hasattr(p, LOCAL_ROWS) and p.is_floating_point() and p.dtype != self.dtype:
+            if p not in LOCAL_ROWS and p.is_floating_point() and p.dtype != self.dtype:
                 p.data = p.data.to(self.dtype)
         self.materialised.clear()
         self.by_key.clear()
@@ -384,7 +317,7 @@ class Partitioner:
         return value
 
     def handle(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        hits = [(t, e) for t in _tensors(args, kwargs) if (e := self.find(t)) is not None]
+        hits = [(t, e) for t in op_tensors(args, kwargs) if (e := self.find(t)) is not None]
         if not hits:
             out = func(*args, **kwargs)
             if func in _UNINITIALISED and isinstance(out, torch.Tensor):
@@ -396,28 +329,28 @@ class Partitioner:
         owner = getattr(getattr(func, "__self__", None), "__name__", "")
         if name == "__set__" and owner == "data":
             return self.assign_data(func, args, hits)
-        target, kind = _classify(func, name, args, kwargs)
+        target, kind = classify(func, name, args, kwargs)
         if kind is None:
-            if name in _CONVERSIONS and args and (entry := self.find(args[0])) is not None:
+            if name in CONVERSIONS and args and (entry := self.find(args[0])) is not None:
                 return self.convert_op(func, entry, args, kwargs)
             return func(*self.substitute(args), **self.substitute(kwargs))
         entry = self.find(target)
         for t, e in hits:
             if t is not target and (tuple(t.shape) != e.shape or not self.is_materialised(e)):
-                raise _read_error(e, name)
+                raise read_error(e.describe(), name)
         if entry is None:  # writes into an ordinary tensor, reading materialised parameters only
             return func(*self.substitute(args), **self.substitute(kwargs))
         if tuple(target.shape) != entry.shape:  # a view made before the parameter was whole, or a part of it
-            raise _write_error(entry, name, whole=False)
+            raise write_error(entry.describe(), name, whole=False)
         if self.is_materialised(entry):
-            return _same_or(func(*self.substitute(args), **self.substitute(kwargs)), target)
+            return same_or(func(*self.substitute(args), **self.substitute(kwargs)), target)
         if kind == "unsupported":
-            raise _write_error(entry, name, whole=True)
-        if kind == "setitem" and not _covers_all(args[1]):
-            raise _write_error(entry, name, whole=False)
+            raise write_error(entry.describe(), name, whole=True)
+        if kind == "setitem" and not covers_all(args[1]):
+            raise write_error(entry.describe(), name, whole=False)
         if kind in ("fill", "setitem"):
             self.materialise(entry, keep=[e for _, e in hits])
-            return _same_or(func(*self.substitute(args), **self.substitute(kwargs)), target)
+            return same_or(func(*self.substitute(args), **self.substitute(kwargs)), target)
         return self.rows_op(func, name, entry, args, kwargs)
 
     def rows_op(
@@ -430,18 +363,18 @@ class Partitioner:
     ) -> Any:
         """An elementwise in-place update of a partitioned parameter, applied to this rank's rows."""
         rows = self.rows_of(entry)
-        digest = _fold(0, zlib.crc32(name.encode()))
+        digest = fold(0, zlib.crc32(name.encode()))
         operands: list[Any] = []
         for value in (*args[1:], *kwargs.values()):
             value = self.substitute(value)
             if isinstance(value, torch.Tensor):
-                digest = _fold(digest, _digest(value))
-            elif (number := _scalar_digest(value)) is not None:
-                digest = _fold(digest, number)
+                digest = fold(digest, tensor_digest(value))
+            elif (number := scalar_digest(value)) is not None:
+                digest = fold(digest, number)
             operands.append(value)
         sliced = [self.rows_operand(v, entry) for v in operands]
         func(rows, *sliced[: len(args) - 1], **dict(zip(kwargs, sliced[len(args) - 1 :])))
-        entry.fingerprint = _fold(entry.fingerprint, digest)
+        entry.fingerprint = fold(entry.fingerprint, digest)
         return args[0]
 
     def rows_operand(self, value: Any, entry: _Entry) -> Any:
@@ -482,7 +415,7 @@ class Partitioner:
             base = converted[1]
             rows = self.rows_of(entry)
             device = self.remote_device or base.device
-            setattr(param, LOCAL_ROWS, rows.to(device=device, dtype=base.dtype))
+            LOCAL_ROWS.set(param, rows.to(device=device, dtype=base.dtype))
             self.by_key.pop(_storage_key(entry.base) or 0, None)
             entry.base = base
             self.by_key[_storage_key(base) or 0] = entry
@@ -490,7 +423,7 @@ class Partitioner:
             return None
         for t, e in hits:
             if t is value:
-                raise _read_error(e, "assignment to .data")
+                raise read_error(e.describe(), "assignment to .data")
         func(*args)
         if entry is not None:
             self.materialised[id(entry)] = entry  # whole again, with the user's values
@@ -508,84 +441,6 @@ def _collective_device(group: Any) -> torch.device:
 
         return torch.device(get_accelerator().current_device_name())
     return torch.device("cpu")
-
-
-def _tensors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterable[torch.Tensor]:
-    """Tensors among the arguments (one level of lists/tuples, as in ``torch.cat`` and ``out=``)."""
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor):
-            yield value
-        elif isinstance(value, list | tuple):
-            for item in value:
-                if isinstance(item, torch.Tensor):
-                    yield item
-
-
-def _classify(
-    func: Callable[..., Any], name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[Any, str | None]:
-    """(written tensor, kind) of an operation; kind ``None`` for operations that write nothing.
-
-    Kinds: ``fill`` (overwrites every element, maybe randomly), ``rows`` (elementwise update),
-    ``setitem`` (indexed assignment), ``unsupported`` (any other in-place change).
-    """
-    if func in _INIT_FUNCTIONS or (name in _INIT_NAMES and "tensor" in kwargs and not args):
-        # the second form: a torch.nn.init function replaced by a wrapper (transformers guards them with
-        # its own) dispatches to the mode under the wrapper's identity, its tensor passed by keyword
-        return (args[0] if args else kwargs.get("tensor")), "fill"
-    if name == "__setitem__":
-        return args[0], "setitem"
-    if args and isinstance(args[0], torch.Tensor) and name.endswith("_") and not name.startswith("__"):
-        if name in _FILLS:
-            return args[0], "fill"
-        if name in _ELEMENTWISE:
-            return args[0], "rows"
-        if name in _PASSIVE:
-            return None, None
-        return args[0], "unsupported"
-    out = kwargs.get("out")
-    if isinstance(out, torch.Tensor):
-        return out, "fill"
-    if isinstance(out, list | tuple) and any(isinstance(o, torch.Tensor) for o in out):
-        return out[0], "unsupported"
-    return None, None
-
-
-def _covers_all(key: Any) -> bool:
-    """Whether an index selects every element (``t[...]``, ``t[:]``)."""
-    if key is Ellipsis:
-        return True
-    if isinstance(key, slice):
-        return key.start in (None, 0) and key.stop is None and key.step in (None, 1)
-    if isinstance(key, tuple):
-        return all(_covers_all(k) for k in key)
-    return False
-
-
-def _same_or(result: Any, target: Any) -> Any:
-    """In-place operations return their target: hand back the caller's object, not our stand-in."""
-    return target if isinstance(result, torch.Tensor) and result.shape == target.shape else result
-
-
-_FIX = (
-    "Do this before the module is assigned into its parent module, or after deepshard.initialize() inside "
-    "`with deepshard.zero.GatheredParameters(param, modifier_rank=0):`"
-)
-
-
-def _write_error(entry: _Entry, op: str, whole: bool) -> RuntimeError:
-    what = "an in-place operation" if whole else "a write through an index or a reshaped view"
-    return RuntimeError(
-        f"zero.Init: '{op}' is {what} on parameter {entry.describe()}, which is already partitioned "
-        f"(this rank holds only its rows); it cannot be reproduced on the rows. {_FIX}."
-    )
-
-
-def _read_error(entry: _Entry, op: str) -> RuntimeError:
-    return RuntimeError(
-        f"zero.Init: '{op}' reads the values of parameter {entry.describe()}, which is partitioned (this rank "
-        f"holds only its rows; the parameter shows NaN). {_FIX}."
-    )
 
 
 class InitMode(TorchFunctionMode):
@@ -611,5 +466,3 @@ class InitMode(TorchFunctionMode):
             return part.handle(func, args, kwargs)
         finally:
             part.bypass = False
-
-

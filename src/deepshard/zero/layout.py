@@ -15,11 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-
-from deepshard import comm
 
 
 @dataclass(frozen=True)
@@ -60,23 +57,6 @@ class ShardSpec:
         return (
             torch.Size([end - start, *self.shape[1:]]) if len(self.shape) > 0 else torch.Size([end - start])
         )
-
-
-def gather_rows(local: torch.Tensor, spec: ShardSpec, group: Any) -> torch.Tensor:
-    """Collective over ``group`` (``spec.world`` ranks): the whole tensor from every rank's dim-0 rows.
-
-    ``local`` holds this rank's rows (:meth:`ShardSpec.row_range`); the result has ``spec.shape`` and
-    ``local``'s dtype and device, and is freshly allocated.
-    """
-    if local.numel() == spec.shard_numel and local.is_contiguous():
-        padded = local.reshape(-1)  # a whole shard: no padding, no copy
-    else:
-        padded = torch.zeros(spec.shard_numel, dtype=local.dtype, device=local.device)
-        padded[: local.numel()] = local.reshape(-1)
-    full = torch.empty(spec.shard_numel * spec.world, dtype=local.dtype, device=local.device)
-    comm.all_gather_into_tensor(full, padded, group=group)
-    rows = full.view(spec.shard_rows * spec.world, spec.row_numel)[: spec.rows]
-    return rows.reshape(spec.shape)
 
 
 class BucketLayout:
@@ -140,18 +120,6 @@ class BucketLayout:
             for rank in range(self.world):
                 start, end = spec.row_range(rank)
                 cols[rank, (end - start) * spec.row_numel :].zero_()
-
-    def gather_full(self, buffer: torch.Tensor, index: int, full: torch.Tensor) -> None:
-        """Copy member ``index``'s shards from the rank-major ``buffer`` into the full-size tensor."""
-        spec = self.specs[index]
-        cols = self._columns(buffer, index)
-        dst = full.view(spec.rows, spec.row_numel)
-        for rank in range(self.world):
-            start, end = spec.row_range(rank)
-            if end > start:
-                dst[start:end].copy_(
-                    cols[rank, : (end - start) * spec.row_numel].view(end - start, spec.row_numel)
-                )
 
     def segment_view(self, segment: torch.Tensor, index: int, rank: int) -> torch.Tensor:
         """Member ``index``'s unpadded shard inside one rank's ``segment``, shaped as the local shard."""

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from deepshard.comm.bucketing import plan_buckets
 from deepshard.offload.aio import align_up, check_nvme_path
 from deepshard.offload.swap import PendingRead, Region, SwapSpace, region_offsets
 from deepshard.precision.master import MasterWeights
@@ -73,19 +74,8 @@ def staging_bytes(numel: int, regions: int) -> int:
 
 def plan_sub_groups(numels: Sequence[int], sub_group_size: int) -> list[SubGroup]:
     """Cut masters of ``numels`` elements into consecutive sub-groups of at most ``sub_group_size``."""
-    limit = max(int(sub_group_size), 1)
-    out: list[SubGroup] = []
-    members: list[int] = []
-    sizes: list[int] = []
-    for i, n in enumerate(numels):
-        if members and sum(sizes) + n > limit:
-            out.append(SubGroup(len(out), members, sizes))
-            members, sizes = [], []
-        members.append(i)
-        sizes.append(n)
-    if members:
-        out.append(SubGroup(len(out), members, sizes))
-    return out
+    buckets = plan_buckets(numels, max(int(sub_group_size), 1))
+    return [SubGroup(i, members, [numels[j] for j in members]) for i, members in enumerate(buckets)]
 
 
 def probe_state_keys(optimizer: torch.optim.Optimizer) -> list[str]:
@@ -121,7 +111,9 @@ class OffloadedOptimizer:
         """``numels``: elements of each master, in the order :class:`MasterWeights` makes them; hand
         :meth:`sink` to it as its ``sink``, then :meth:`attach` it."""
         if tier not in ("cpu", "nvme") or (tier == "nvme") != (swap is not None):
-            raise ValueError(f"optimizer offload tier must be 'cpu' or 'nvme' (with swap space), got {tier!r}")
+            raise ValueError(
+                f"optimizer offload tier must be 'cpu' or 'nvme' (with swap space), got {tier!r}"
+            )
         self.tier = tier
         self.swap = swap
         self.pipeline_read = pipeline_read
@@ -160,11 +152,15 @@ class OffloadedOptimizer:
             sg.resident = False
 
     def attach(self, masters: MasterWeights) -> None:
-        """Adopt the masters (made with :meth:`sink`); from now on every step publishes them early."""
+        """Adopt the masters (made with :meth:`sink` and ``published_early=True``: every step writes them
+        into the model itself)."""
         if len(masters.masters) != len(self._where):
             raise ValueError(f"offload planned {len(self._where)} masters, got {len(masters.masters)}")
+        if not masters.published_early:
+            raise ValueError(
+                "offloaded masters are published by each step: build MasterWeights(published_early=True)"
+            )
         self._masters = masters
-        masters.published_early = True
         if self.swap is not None:
             self.swap.flush()
 
@@ -183,7 +179,9 @@ class OffloadedOptimizer:
         largest = max((sg.numel for sg in plan_sub_groups(numels, sub_group_size)), default=1)
         return staging_bytes(largest, 1 + state_tensors)
 
-    def _views(self, sg: SubGroup, buffer: torch.Tensor, kinds: Sequence[str]) -> dict[str, list[torch.Tensor]]:
+    def _views(
+        self, sg: SubGroup, buffer: torch.Tensor, kinds: Sequence[str]
+    ) -> dict[str, list[torch.Tensor]]:
         """Per kind (``master`` or a state key), views of ``buffer`` shaped like each member's master."""
         regions = [(k, sg.numel * _F32) for k in kinds]
         out: dict[str, list[torch.Tensor]] = {}
@@ -269,7 +267,9 @@ class OffloadedOptimizer:
             extra = len(self.state_keys) - ADAM_LIKE_STATES
             if extra > 0:  # more state than the up-front space check assumed: check the rest now
                 check_nvme_path(
-                    self.swap.files.dir, extra * 4 * sum(sg.numel for sg in self.sub_groups), "optimizer state"
+                    self.swap.files.dir,
+                    extra * 4 * sum(sg.numel for sg in self.sub_groups),
+                    "optimizer state",
                 )
             largest = max((sg.numel for sg in self.sub_groups), default=1)
             needed = staging_bytes(largest, 1 + len(self.state_keys))
@@ -313,7 +313,9 @@ class OffloadedOptimizer:
         """One fp32 buffer, reused by every sub-group, for gradients cast to fp32 on the host."""
         if self._grads is None:
             device = self.masters.masters[0].device if self.masters.masters else torch.device("cpu")
-            self._grads = torch.empty(max(g.numel for g in self.sub_groups), dtype=torch.float32, device=device)
+            self._grads = torch.empty(
+                max(g.numel for g in self.sub_groups), dtype=torch.float32, device=device
+            )
         return self._grads[: sg.numel]
 
     @contextlib.contextmanager

@@ -22,6 +22,7 @@ import torch
 from deepshard import comm
 from deepshard.comm.bucketing import plan_buckets
 from deepshard.precision.master import MasterWeights, as_rows
+from deepshard.zero.collectives import copy_out_rows, own_segment
 from deepshard.zero.layout import BucketLayout, reusable_layouts
 
 
@@ -88,7 +89,7 @@ class ParamGatherer:
             if len(pending) == 2:  # this bucket reuses the buffer of the one two back
                 self._unpack(*pending.pop(0))
             full = self._buffer(b % 2, layout.full_numel, members[0])
-            segment = full.view(self.world, layout.segment_numel)[self.rank]
+            segment = own_segment(layout, full, self.rank)
             # padding rows go over the wire but are never copied out, so they need no zeroing
             self._pack(b, masters, segment)
             work = comm.all_gather_into_tensor(full, segment, group=self.group, async_op=True)
@@ -113,16 +114,4 @@ class ParamGatherer:
     def _unpack(self, b: int, work: Any, full: torch.Tensor) -> None:
         if work is not None:
             work.wait()
-        layout = self.layouts[b]
-        segments = full.view(self.world, layout.segment_numel)
-        dst: list[torch.Tensor] = []
-        src: list[torch.Tensor] = []
-        for q in range(self.world):
-            if q == self.rank:
-                continue
-            for slot, rows in enumerate(self._rows[b][q]):
-                if rows.numel():
-                    dst.append(rows)
-                    src.append(layout.segment_view(segments[q], slot, q).view(rows.shape))
-        if dst:
-            torch._foreach_copy_(dst, src)
+        copy_out_rows(self.layouts[b], full, self._rows[b], skip=self.rank)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from deepshard import comm
 from deepshard.offload.swap import SwapSpace
 from deepshard.precision import MasterWeights, PrecisionPolicy
 from deepshard.zero.grad_reduce import (
@@ -27,10 +27,12 @@ from deepshard.zero.layout import ShardSpec
 from deepshard.zero.offload_build import check_space, master_numels, optimizer_offload
 from deepshard.zero.offload_optimizer import OffloadedOptimizer
 from deepshard.zero.param_gather import ParamGatherer
+from deepshard.zero.rows import LOCAL_ROWS
 from deepshard.zero.shared_grads import SharedRowReducer, try_shared_row_reducer
 from deepshard.zero.shared_params import SharedParameters
 from deepshard.zero.stage import ZeroStage
 from deepshard.zero.stage3 import Stage3Runtime
+from deepshard.zero.stage3_build import Stage3Units, evict_units, shard_units, stage3_runtime
 
 Reducer = AllReduceGradReducer | ReduceScatterGradReducer | SharedRowReducer
 
@@ -150,9 +152,7 @@ class ZeroPartition:
 
     def reduced_grads(self) -> dict[int, torch.Tensor]:
         """``id(param) -> reduced gradient``: whole (stages 0-1) or this rank's shard (stage 2)."""
-        if isinstance(self.reducer, ReduceScatterGradReducer | SharedRowReducer):
-            return self.reducer.shard_grads()
-        return self.reducer.full_grads()
+        return self.reducer.optimizer_grads()
 
     def global_norm(self) -> float:
         """L2 norm of all reduced gradients; one tiny all-reduce when they are sharded.
@@ -161,7 +161,7 @@ class ZeroPartition:
         """
         sumsq = sum_of_squares(self.reducer.flat_grads())
         if self.reducer.sharded_result and self.world > 1:
-            dist.all_reduce(sumsq, group=self.group)
+            comm.all_reduce(sumsq, group=self.group)
         return float(sumsq.sqrt())
 
     def unscale_and_clip(self, factor: float) -> None:
@@ -174,12 +174,12 @@ class ZeroPartition:
         if self.shared is not None:
             self.shared.begin_update()
         elif self.shards_shared:
-            dist.barrier(group=self.group)
+            comm.barrier(group=self.group)
 
     def fence(self) -> None:
         """After rows were written outside a step (loads, GatheredParameters): make them visible to all ranks."""
         if self.shared is not None or self.shards_shared:
-            dist.barrier(group=self.group)
+            comm.barrier(group=self.group)
 
     def publish(self) -> None:
         """After the optimizer step: make the updated parameters whole in the module on every rank.
@@ -203,7 +203,7 @@ class ZeroPartition:
         if self.param_swap is not None:
             self.param_swap.flush()  # the next gathers read these slots
         if self.shards_shared and self.shared is None:
-            dist.barrier(group=self.group)  # every rank's updated rows written before anyone gathers
+            comm.barrier(group=self.group)  # every rank's updated rows written before anyone gathers
 
     def after_backward(self) -> None:
         """End of a backward pass: stage 3 releases what it still holds."""
@@ -222,7 +222,10 @@ class ZeroPartition:
     def tier_bytes(self) -> dict[str, dict[str, int]]:
         """Offloaded bytes per tier: ``cpu`` (resident in host memory, staging buffers included) and
         ``nvme`` (on disk), each with ``parameters``, ``master_weights``, ``optimizer_states``, ``buffers``."""
-        tiers = {t: dict.fromkeys(("parameters", "master_weights", "optimizer_states", "buffers"), 0) for t in ("cpu", "nvme")}
+        tiers = {
+            t: dict.fromkeys(("parameters", "master_weights", "optimizer_states", "buffers"), 0)
+            for t in ("cpu", "nvme")
+        }
         if self.stage3 is not None and self.param_tier != "none":
             tiers["cpu"]["parameters"] = sum(g.resident_nbytes for g in self.stage3.groups)
             if self.param_swap is not None:
@@ -257,60 +260,134 @@ def build_partition(
     module: torch.nn.Module | None = None,
     aio: Any = None,
 ) -> ZeroPartition:
-    """Build the reducer, masters and gatherer for ``stage`` over ``params`` on this rank (``aio``:
-    the config's ``aio`` section, for the NVMe tier)."""
+    """The one ZeRO composition for ``stage`` over ``params`` on this rank (collective).
+
+    In order: stage 3's units and shard groups (when parameters are sharded) → gradient reducer →
+    shared parameters (one host) → offload sizing and optimizer offload → :class:`MasterWeights` →
+    offload attach → stage 3's eviction to its tier → gatherer of updated rows → stage 3's runtime.
+    The stage (data) decides what each step shards; ``aio`` is the config's ``aio`` section (NVMe tier).
+    """
     world = spec.world_size
+    units: Stage3Units | None = None
     if stage.shard_parameters:
         if module is None:
-            raise ValueError("ZeRO stage 3 needs the model (module=) to choose its units")
-        from deepshard.zero.stage3_build import build_stage3
+            raise ValueError(
+                "ZeRO stage 3 needs the model: pass module= to build_partition to choose its units"
+            )
+        units = shard_units(module, zero_cfg, rank, world, group, aio, LOCAL_ROWS)
+        trainable = units.trainable
+        whole = [p for p in units.persistent if p.requires_grad]  # made whole after the step
+    else:
+        trainable = whole = unique_trainable(params)
+    reducer = _reducer(stage, trainable, policy, zero_cfg, spec, rank, group, units)  # before the shared copy
+    # sharded optimizer on one host: one shared copy of the whole parameters replaces their all-gather
+    # (before the masters are made, since fp32 masters are views of the parameters' rows)
+    use_shm = bool(zero_cfg.host_shared_memory)
+    shared = SharedParameters.create(whole, group, use_shm) if stage.shard_optimizer and world > 1 else None
+    shards = units.shards if units is not None else None
+    numels = master_numels(trainable, rank, world, sharded=stage.shard_optimizer, shards=shards)
+    if units is None:  # stage 3 checked its shards and masters before its swap space was made
+        check_space(zero_cfg, 0, sum(numels))
+    swap = units.swap if units is not None else None
+    offload = optimizer_offload(zero_cfg, aio, numels, engine=swap.engine if swap is not None else None)
+    param_tier = units.param_tier if units is not None else "none"
+    master_args = offload_master_args(zero_cfg, offload)
+    if param_tier != "none" and offload is None and trainable:
+        # offloaded shards cannot be the fp32 masters (they leave memory): masters are copies then, on
+        # the model's device
+        master_args = {"device": trainable[0].device}
+    masters = MasterWeights(
+        trainable,
+        needs_fp32_copy=policy.needs_master or offload is not None or param_tier != "none",
+        row_range=(lambda p: ShardSpec(p.shape, world).row_range(rank)) if stage.shard_optimizer else None,
+        shards=shards,
+        # offload: each step writes its updated masters into the model (or the shards, via their tier)
+        published_early=offload is not None or swap is not None,
+        **master_args,
+    )
+    if offload is not None:
+        offload.attach(masters)
+    if units is not None:
+        evict_units(units, zero_cfg)
+    gatherer = (
+        ParamGatherer(whole, rank, world, int(zero_cfg.allgather_bucket_size), group)
+        if stage.shard_optimizer and shared is None and (units is None or whole)
+        else None
+    )
+    runtime = stage3_runtime(module, units, zero_cfg) if units is not None and module is not None else None
+    partition = ZeroPartition(
+        stage,
+        rank,
+        world,
+        group,
+        reducer,
+        masters,
+        gatherer,
+        shared,
+        stage3=runtime,
+        shards_shared=units.shards_shared if units is not None else False,
+        offload=offload,
+        param_tier=param_tier,
+        param_swap=swap,
+    )
+    if runtime is not None:
+        runtime.partition = partition
+    return partition
 
-        return build_stage3(stage, module, policy, zero_cfg, spec, rank, group, aio)
-    trainable = unique_trainable(params)
+
+def _reducer(
+    stage: ZeroStage,
+    trainable: list[torch.nn.Parameter],
+    policy: PrecisionPolicy,
+    zero_cfg: Any,
+    spec: ReduceSpec,
+    rank: int,
+    group: Any,
+    units: Stage3Units | None,
+) -> Reducer:
+    """The gradient reducer the stage asks for: stage 3 one reduce-scatter bucket per unit; stage 2
+    reduce-scatter in buckets; stage 1 on one host each rank reduces its own rows in shared memory;
+    otherwise (stage 0, one rank, several hosts at stage 1) an all-reduce."""
+    world = spec.world_size
+    overlap = bool(zero_cfg.effective_overlap_comm)
+    if units is not None:
+        return ReduceScatterGradReducer(
+            trainable,
+            policy.grad_dtype,
+            units.typical_bucket(),
+            spec,
+            rank=rank,
+            group=group,
+            overlap=overlap,
+            buckets=units.buckets,
+        )
     bucket = int(zero_cfg.reduce_bucket_size)
     if stage.stage == 0 and "reduce_bucket_size" not in zero_cfg.model_fields_set:
         # DeepSpeed's stage 0 does not bucket during backward (its 5e8 default would make one bucket
         # and leave nothing to overlap); use DDP's 25 MiB buckets unless the user chose a size.
         bucket = STAGE0_DEFAULT_BUCKET_BYTES // torch.empty((), dtype=policy.grad_dtype).element_size()
     # Stage 0 always overlaps (DeepSpeed has no switch there); stages 1-2 follow overlap_comm.
-    overlap = bool(zero_cfg.effective_overlap_comm) or stage.stage == 0
-    row_range = (lambda p: ShardSpec(p.shape, world).row_range(rank)) if stage.shard_optimizer else None
-    reducer: Reducer | None = None
+    overlap = overlap or stage.stage == 0
     if stage.shard_gradients and world > 1:  # one rank: its shard is the whole gradient, kept in place
-        reducer = ReduceScatterGradReducer(
+        return ReduceScatterGradReducer(
             trainable, policy.grad_dtype, bucket, spec, rank=rank, group=group, overlap=overlap
         )
-    elif row_range is not None and world > 1:
+    if stage.shard_optimizer and world > 1:
         # stage 1 on one host: gradients in shared memory, each rank reduces only its own rows
-        reducer = try_shared_row_reducer(trainable, policy.grad_dtype, bucket, spec, rank, row_range, group)
-    if reducer is None:
-        reducer = AllReduceGradReducer(
-            trainable, policy.grad_dtype, bucket, spec, group=group, overlap=overlap
+        row_range = lambda p: ShardSpec(p.shape, world).row_range(rank)  # noqa: E731
+        shared = try_shared_row_reducer(
+            trainable,
+            policy.grad_dtype,
+            bucket,
+            spec,
+            rank,
+            row_range,
+            group,
+            bool(zero_cfg.host_shared_memory),
         )
-    # stages 1-2 on one host: one shared copy of the parameters replaces the all-gather (before the
-    # masters are made, since fp32 masters are views of the parameters' rows)
-    shared = (
-        SharedParameters.create(trainable, group)
-        if stage.shard_optimizer and not stage.shard_parameters and world > 1
-        else None
-    )
-    numels = master_numels(trainable, rank, world, sharded=row_range is not None)
-    check_space(zero_cfg, 0, sum(numels))
-    offload = optimizer_offload(zero_cfg, aio, numels)
-    masters = MasterWeights(
-        trainable,
-        needs_fp32_copy=policy.needs_master or offload is not None,
-        row_range=row_range,
-        **offload_master_args(zero_cfg, offload),
-    )
-    if offload is not None:
-        offload.attach(masters)
-    gatherer = (
-        ParamGatherer(trainable, rank, world, int(zero_cfg.allgather_bucket_size), group)
-        if stage.shard_optimizer and shared is None
-        else None
-    )
-    return ZeroPartition(stage, rank, world, group, reducer, masters, gatherer, shared, offload=offload)
+        if shared is not None:
+            return shared
+    return AllReduceGradReducer(trainable, policy.grad_dtype, bucket, spec, group=group, overlap=overlap)
 
 
 def offload_master_args(zero_cfg: Any, offload: OffloadedOptimizer | None) -> dict[str, Any]:

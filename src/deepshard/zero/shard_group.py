@@ -25,6 +25,7 @@ rows into the full buffer, with no collective at all (and so nothing for divergi
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -34,11 +35,29 @@ import torch
 from deepshard import comm
 from deepshard.offload.swap import PendingRead, SwapSpace
 from deepshard.precision.master import as_rows
+from deepshard.zero.collectives import copy_out, own_segment, rank_major_copies
 from deepshard.zero.layout import BucketLayout
+from deepshard.zero.rows import LOCAL_ROWS
 from deepshard.zero.watchdog import CollectiveDivergedError, wait_collective
 
-LOCAL_ROWS = "_deepshard_local_rows"  # attribute: this rank's rows of a parameter built by zero.Init
-_UNPACK = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepshard-unpack")  # NVMe reads -> full storage
+_UNPACK = ThreadPoolExecutor(
+    max_workers=1, thread_name_prefix="deepshard-unpack"
+)  # NVMe reads -> full storage
+
+
+class ShardedState(enum.Enum):
+    """Where a group's whole values stand (FSDP2's ``ShardedState`` plus the in-flight step)."""
+
+    SHARDED = "sharded"  # only this rank's segment; the parameters show placeholders
+    GATHERING = "gathering"  # an all-gather (or a read from the NVMe tier) is in flight into a buffer
+    UNSHARDED = "unsharded"  # the whole values are in the full buffer; the parameters are views of it
+
+
+class SegmentTier(enum.Enum):
+    """Where this rank's segment (its shards) is held between uses."""
+
+    RESIDENT = "resident"  # in memory (device or host)
+    ON_TIER = "on_tier"  # written to the NVMe tier, its memory freed
 
 
 class ShardGroup:
@@ -97,8 +116,10 @@ class ShardGroup:
         self._seg_bytes = seg * self.segment.element_size()
         self._read: PendingRead | None = None
         self._unpacked: Future[torch.Tensor] | None = None
-        self.segment_resident = True
-        self.trainable = sum(p.requires_grad for p in self.params)  # members with masters (rewritten each step)
+        self.segment_tier = SegmentTier.RESIDENT
+        self.trainable = sum(
+            p.requires_grad for p in self.params
+        )  # members with masters (rewritten each step)
         self._left_to_publish = 0
         self.keep_in_memory = False  # offload_param.max_in_cpu: this unit's segment stays in host memory
         if swap is not None:
@@ -125,24 +146,14 @@ class ShardGroup:
             self.views.append(self.full[offset : offset + p.numel()].view(p.shape))
             offset += p.numel()
         # (full offset, rank-major offset, numel) of every rank's rows of every member
-        self._copies: list[tuple[int, int, int]] = []
-        offset = 0
-        for i, (p, spec) in enumerate(zip(self.params, self.layout.specs)):
-            for q in range(world):
-                start, end = spec.row_range(q)
-                if end > start:
-                    n = (end - start) * spec.row_numel
-                    self._copies.append(
-                        (offset + start * spec.row_numel, q * seg + self.layout.offsets[i], n)
-                    )
-            offset += p.numel()
+        self._copies = rank_major_copies(self.layout, [p.numel() for p in self.params])
         nan = torch.full((1,), float("nan"), dtype=self.dtype, device=self.device)
         self.placeholders = [nan.expand(p.shape) if p.dim() else nan.view(()) for p in self.params]
         self._full_bytes = self.numel * self.full.element_size()
-        self._work: Any = None
+        self._work: Any = None  # the in-flight collective's handle while GATHERING
         self._buffer: torch.Tensor | None = None
         self._release_buffer: Callable[[torch.Tensor], None] | None = None
-        self.unsharded = False
+        self.state = ShardedState.SHARDED
         self.runtime: Any = None  # the Stage3Runtime driving this group
         self.release()
 
@@ -156,11 +167,7 @@ class ShardGroup:
     def _unpack_staged(self, pending: PendingRead) -> torch.Tensor:
         """(Worker thread, one rank) wait for the segment's read and copy it into the full storage."""
         staged = pending.wait()
-        src = self._staged(staged)
-        if self._copies:
-            torch._foreach_copy_(
-                [self.full[d : d + n] for d, _, n in self._copies], [src[s : s + n] for _, s, n in self._copies]
-            )
+        copy_out(self.full, self._staged(staged), self._copies)
         return staged
 
     def _staged(self, buffer: torch.Tensor) -> torch.Tensor:
@@ -175,7 +182,7 @@ class ShardGroup:
         buffer = self.swap.read([(self._key, self._seg_bytes)]).wait()
         self.segment.copy_(self._staged(buffer))
         self.swap.give(buffer)
-        self.segment_resident = True
+        self.segment_tier = SegmentTier.RESIDENT
 
     @torch.no_grad()
     def evict_segment(self) -> None:
@@ -186,7 +193,7 @@ class ShardGroup:
         self._staged(buffer).copy_(self.segment)
         self.swap.write([(self._key, self._seg_bytes)], buffer)
         self.segment.untyped_storage().resize_(0)
-        self.segment_resident = False
+        self.segment_tier = SegmentTier.ON_TIER
 
     def begin_publish(self) -> None:
         """Before updated masters are written into the shards: make the segment writable. When every
@@ -195,7 +202,7 @@ class ShardGroup:
             return
         if self.trainable == len(self.params):
             self.segment.untyped_storage().resize_(self._seg_bytes)
-            self.segment_resident = True
+            self.segment_tier = SegmentTier.RESIDENT
         else:
             self.load_segment()
 
@@ -211,7 +218,17 @@ class ShardGroup:
     @property
     def gathering(self) -> bool:
         """Whether an all-gather of this group is in flight."""
-        return self._work is not None
+        return self.state is ShardedState.GATHERING
+
+    @property
+    def unsharded(self) -> bool:
+        """Whether the whole values are installed in the parameters."""
+        return self.state is ShardedState.UNSHARDED
+
+    @property
+    def segment_resident(self) -> bool:
+        """Whether this rank's segment is in memory (not only on the NVMe tier)."""
+        return self.segment_tier is SegmentTier.RESIDENT
 
     @property
     def gather_numel(self) -> int:
@@ -259,6 +276,7 @@ class ShardGroup:
             return
         if self.shared is not None:
             self._buffer, self._release_buffer, self._work = self.shared, None, _Done()
+            self.state = ShardedState.GATHERING
             return
         assert buffer is not None, "a gather without shared memory needs a buffer"
         self._check_peers(what)
@@ -267,17 +285,19 @@ class ShardGroup:
             # read the segment from NVMe in the background; the all-gather follows in finish_gather
             self._read = self.swap.read([(self._key, self._seg_bytes)])
             self._work = _Done()
+            self.state = ShardedState.GATHERING
             if self.world == 1:
                 # one rank: the segment is the whole buffer; unpack it into the full storage off the
                 # main thread as soon as it arrives (the copy and the first touch of the pages overlap)
                 self.full.untyped_storage().resize_(self._full_bytes)
                 self._unpacked = _UNPACK.submit(self._unpack_staged, self._read)
             return
-        mine = buffer.view(self.world, self.layout.segment_numel)[self.rank]
+        mine = own_segment(self.layout, buffer, self.rank)
         mine.copy_(self.segment, non_blocking=True)
         self._work = comm.all_gather_into_tensor(buffer, mine, group=self.group, async_op=True)
         if self._work is None:  # not distributed: nothing in flight
             self._work = _Done()
+        self.state = ShardedState.GATHERING
 
     @torch.no_grad()
     def finish_gather(self, what: str) -> None:
@@ -296,12 +316,12 @@ class ShardGroup:
             self._work = self._buffer = self._release_buffer = None
             for p, view in zip(self.params, self.views):
                 p.data = view
-            self.unsharded = True
+            self.state = ShardedState.UNSHARDED
             return
         if self._read is not None:  # several ranks: this rank's segment arrived from NVMe, all-gather it now
             staged = self._read.wait()
             self._read = None
-            mine = buffer.view(self.world, self.layout.segment_numel)[self.rank]
+            mine = own_segment(self.layout, buffer, self.rank)
             mine.copy_(self._staged(staged))
             assert self.swap is not None
             self.swap.give(staged)
@@ -309,23 +329,23 @@ class ShardGroup:
         wait_collective(work, f"all-gather of ZeRO-3 unit '{self.name}' ({what})", self.rank)
         self._work = None
         self.full.untyped_storage().resize_(self._full_bytes)
-        if self._copies:
-            torch._foreach_copy_(
-                [self.full[d : d + n] for d, _, n in self._copies],
-                [buffer[s : s + n] for _, s, n in self._copies],
-            )
+        copy_out(self.full, buffer, self._copies)
         if self._release_buffer is not None:
             self._release_buffer(buffer)
         self._buffer = self._release_buffer = None
         for p, view in zip(self.params, self.views):
             p.data = view
-        self.unsharded = True
+        self.state = ShardedState.UNSHARDED
 
     def gather(self, what: str = "explicit gather") -> None:
         """Gather now (blocking), with a buffer of its own."""
         if not self.unsharded:
             if not self.gathering:
-                buffer = None if self.shared is not None else torch.empty(self.gather_numel, dtype=self.dtype, device=self.device)
+                buffer = (
+                    None
+                    if self.shared is not None
+                    else torch.empty(self.gather_numel, dtype=self.dtype, device=self.device)
+                )
                 self.start_gather(buffer, what=what)
             self.finish_gather(what)
 
@@ -337,7 +357,7 @@ class ShardGroup:
         for p, placeholder in zip(self.params, self.placeholders):
             p.data = placeholder
         self.full.untyped_storage().resize_(0)
-        self.unsharded = False
+        self.state = ShardedState.SHARDED
 
     @torch.no_grad()
     def write_back(self) -> None:
@@ -378,10 +398,10 @@ def cast_module(model: torch.nn.Module, device: torch.device, dtype: torch.dtype
     Their rows are cast instead, and their placeholders rebuilt in the new dtype.
     """
     for p in model.parameters():
-        rows = getattr(p, LOCAL_ROWS, None)
+        rows = LOCAL_ROWS.get(p)
         if rows is not None:
             rows = rows.to(device=device, dtype=dtype if rows.is_floating_point() else rows.dtype)
-            setattr(p, LOCAL_ROWS, rows)
+            LOCAL_ROWS.set(p, rows)
             nan = torch.full((1,), float("nan"), dtype=rows.dtype, device=device)
             p.data = nan.expand(p.shape) if p.dim() else nan.view(())
     model.to(device=device, dtype=dtype)

@@ -20,10 +20,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from deepshard import comm
 from deepshard.comm.bucketing import FlatBuffer
-from deepshard.comm.host_shm import PAGE, align_up, shared_storage, unmap_pages
+from deepshard.comm.host_shm import PAGE, shared_regions, unmap_pages
+from deepshard.offload.aio import align_up
 from deepshard.precision.master import as_rows
 from deepshard.zero.grad_reduce import AllReduceGradReducer, ReduceSpec
 
@@ -43,13 +44,12 @@ class SharedRowReducer(AllReduceGradReducer):
         spec: ReduceSpec,
         rank: int,
         row_range: RowRange,
-        storage: torch.Tensor,
+        regions: list[torch.Tensor],
         group: Any = None,
     ) -> None:
         world = spec.world_size
-        region = storage.numel() // world
         # every rank's region of the mapping; this rank's buffers are made in its own (no private copy)
-        self._regions = [storage[q * region : (q + 1) * region].view(grad_dtype) for q in range(world)]
+        self._regions = [r.view(grad_dtype) for r in regions]
         self.rank = rank  # before the base class builds the buffers (in this rank's region)
         super().__init__(params, grad_dtype, bucket_elements, spec, group=group, overlap=False)
         # this rank's rows of each parameter, in its own region and in every other rank's (the per-step
@@ -93,7 +93,7 @@ class SharedRowReducer(AllReduceGradReducer):
         if not self._reducing:
             return
         self._reducing = False
-        dist.barrier(group=self.group)  # every rank's gradients are complete
+        comm.barrier(group=self.group)  # every rank's gradients are complete
         own = self._own
         if own:
             before = self.spec.before()
@@ -104,10 +104,14 @@ class SharedRowReducer(AllReduceGradReducer):
             after = self.spec.after()
             if after != 1.0:
                 torch._foreach_mul_(own, after)
-        dist.barrier(group=self.group)  # nobody zeroes its region while another still reads it
+        comm.barrier(group=self.group)  # nobody zeroes its region while another still reads it
         for q, region in enumerate(self._regions):
             if q != self.rank:
                 unmap_pages(region)  # the others' regions were only read: do not keep them resident
+
+    def optimizer_grads(self) -> dict[int, torch.Tensor]:
+        """What the masters get as gradients: this rank's reduced rows (see :meth:`shard_grads`)."""
+        return self.shard_grads()
 
     def shard_grads(self) -> dict[int, torch.Tensor]:
         """``id(param) -> this rank's reduced rows``."""
@@ -126,14 +130,15 @@ def try_shared_row_reducer(
     rank: int,
     row_range: RowRange,
     group: Any = None,
+    configured: bool = True,
 ) -> SharedRowReducer | None:
     """A :class:`SharedRowReducer` where the ranks share a host (collective), else ``None``."""
     if spec.world_size == 1:
         return None
     usable = all(p.device.type == "cpu" and p.dtype == grad_dtype for p in params)
     nbytes = sum(p.numel() for p in params) * torch.empty((), dtype=grad_dtype).element_size()
-    nbytes = align_up(nbytes, PAGE)  # page-aligned regions (see unmap_pages)
-    storage = shared_storage(group, nbytes * spec.world_size, usable)
-    if storage is None:
+    # one page-aligned region per rank (see unmap_pages), each a whole number of pages
+    regions = shared_regions(group, [align_up(nbytes, PAGE)] * spec.world_size, usable, PAGE, configured)
+    if regions is None:
         return None
-    return SharedRowReducer(params, grad_dtype, bucket_elements, spec, rank, row_range, storage, group)
+    return SharedRowReducer(params, grad_dtype, bucket_elements, spec, rank, row_range, regions, group)

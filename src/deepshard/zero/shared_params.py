@@ -14,7 +14,8 @@ same values); ``finish_update()`` casts this rank's masters into its rows where 
 copies, then fences, so that every rank sees every row before it reads again.
 
 Conditions: a gloo group on one host, CPU parameters; otherwise :meth:`SharedParameters.create`
-returns ``None`` and the all-gather path is used. ``DEEPSHARD_HOST_SHM=0`` turns it off. The
+returns ``None`` and the all-gather path is used. ``zero_optimization.host_shared_memory: false`` (or the
+overriding environment variable ``DEEPSHARD_HOST_SHM=0``) turns it off. The
 parameters' storage must not be replaced after ``initialize`` (``module.to(...)``, ``.half()``); a
 step detects that and stops with an error.
 """
@@ -25,12 +26,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from deepshard.comm.host_shm import align_up, release_freed_heap, shared_storage
+from deepshard import comm
+from deepshard.comm.host_shm import release_freed_heap, shared_regions
 from deepshard.precision.master import MasterWeights, as_rows
 
 _ALIGN = 64  # bytes between parameters in the mapping
+
+
+class SharedStorageError(ValueError, RuntimeError):
+    """The model's parameters were moved out of the shared mapping after ``initialize`` (a user error with
+    its fix; also a ``RuntimeError``, which it was before, for callers that catch that)."""
 
 
 class SharedParameters:
@@ -44,24 +50,22 @@ class SharedParameters:
 
     @classmethod
     @torch.no_grad()
-    def create(cls, params: Sequence[torch.Tensor], group: Any = None) -> SharedParameters | None:
+    def create(
+        cls, params: Sequence[torch.Tensor], group: Any = None, configured: bool = True
+    ) -> SharedParameters | None:
         """Move ``params`` (identical on every rank) into shared memory; collective; ``None`` if impossible."""
         params = list(params)
         usable = all(p.device.type == "cpu" and p.is_contiguous() for p in params) and bool(params)
-        sizes = [align_up(p.numel() * p.element_size(), _ALIGN) for p in params]
-        storage = shared_storage(group, sum(sizes), usable)
-        if storage is None:
+        nbytes = [p.numel() * p.element_size() for p in params]
+        regions = shared_regions(group, nbytes, usable, _ALIGN, configured)
+        if regions is None:
             return None
-        views = []
-        offset = 0
-        for p, size in zip(params, sizes):
-            nbytes = p.numel() * p.element_size()
-            views.append(storage[offset : offset + nbytes].view(p.dtype).view(p.shape))
-            offset += size
-        if dist.get_rank(group) == 0:
+        storage = regions[0]._base if regions[0]._base is not None else regions[0]  # the whole mapping
+        views = [r.view(p.dtype).view(p.shape) for p, r in zip(params, regions)]
+        if comm.get_rank(group) == 0:
             for p, view in zip(params, views):
                 view.copy_(p.data)
-        dist.barrier(group=group)
+        comm.barrier(group=group)
         for p, view in zip(params, views):
             p.data = view
         release_freed_heap()  # the private copies just dropped
@@ -69,26 +73,30 @@ class SharedParameters:
 
     def _check(self) -> None:
         if [p.data_ptr() for p in self.params] != self._ptrs:
-            raise RuntimeError(
+            raise SharedStorageError(
                 "a parameter's storage was replaced after deepshard.initialize() (e.g. engine.module.to(...) or "
                 ".half()); at ZeRO stages 1-2 on one host the parameters live in shared memory, so move or cast "
-                "the model before initialize(), or set DEEPSHARD_HOST_SHM=0."
+                "the model before initialize(), or set zero_optimization.host_shared_memory to false (or DEEPSHARD_HOST_SHM=0)."
             )
 
     def begin_update(self) -> None:
         """Wait until no rank reads the parameters any more (call before writing rows)."""
         self._check()
-        dist.barrier(group=self.group)
+        comm.barrier(group=self.group)
 
     @torch.no_grad()
     def finish_update(self, masters: MasterWeights) -> None:
         """Write this rank's fp32 masters into its rows when they are copies, then make all rows visible."""
         if masters.needs_fp32_copy and not masters.published_early:
             ranges = [masters.range_of(p) for p in self.params]
-            rows = [as_rows(p.data)[r[0] : r[1]] if r is not None else p.data for p, r in zip(self.params, ranges)]
+            rows = [
+                as_rows(p.data)[r[0] : r[1]] if r is not None else p.data for p, r in zip(self.params, ranges)
+            ]
             pairs = [
-                (dst, src.view(dst.shape)) for dst, src in zip(rows, masters.masters_of(self.params)) if dst.numel()
+                (dst, src.view(dst.shape))
+                for dst, src in zip(rows, masters.masters_of(self.params))
+                if dst.numel()
             ]
             if pairs:
                 torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
-        dist.barrier(group=self.group)
+        comm.barrier(group=self.group)

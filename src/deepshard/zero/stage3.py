@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from deepshard.zero.gathered import GROUP_ATTR
+from deepshard.zero.rows import OWNERS
 from deepshard.zero.shard_group import ShardGroup
 from deepshard.zero.units import external_parameters, reachable_params
 
@@ -117,7 +117,7 @@ class Stage3Runtime:
         for g in self.groups:
             g.runtime = self
             for p in g.params:
-                setattr(p, GROUP_ATTR, g)
+                OWNERS.set(p, g)
         self.partition: Any = None  # the ZeroPartition, set once built (for GatheredParameters' updates)
         self.peak_live_numel = 0
         self.gathers = 0  # gathers launched (one per group and pass; counted for tests and benchmarks)
