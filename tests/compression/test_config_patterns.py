@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from compress_models import TinyTransformer
 
-from deepshard.compression.config import CompressionConfig, load_compression_config
 from deepshard.compression.layers import Technique
 from deepshard.compression.patterns import plan
 from deepshard.config import ConfigError, load_config
+from deepshard.config._compression import CompressionConfig, load_compression_config
 
 
 def _section(technique: str, shared: dict, groups: dict) -> dict:

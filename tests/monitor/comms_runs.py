@@ -8,7 +8,7 @@ import torch
 
 import deepshard
 from deepshard import comm
-from deepshard.profiling.comms_logger import comms_logger
+from deepshard.comm.comms_log import comms_logger
 
 ISSUED = {
     "all_reduce": 3,

@@ -6,8 +6,8 @@ import pytest
 from comms_runs import ISSUED, engine_with_comms_logger, issue_collectives
 
 from deepshard import comm
+from deepshard.comm.comms_log import bandwidth_gbps, comms_logger
 from deepshard.config import load_config
-from deepshard.profiling.comms_logger import bandwidth_gbps, comms_logger
 
 
 def test_config_defaults_are_deepspeeds() -> None:
@@ -64,12 +64,17 @@ def test_engine_records_its_collectives(dist2, stage) -> None:
     for r in results:
         counts = r["counts"]
         assert counts.pop("all_gather") == 1  # train_tiny's own gather of the losses at the end
+        # every step: the global gradient norm's one all-reduce; on CPU ranks of one host the parameters
+        # live in shared memory, fenced by barriers around the update (zero/shared_params.py)
         if stage == 2:
-            # the tiny model's 120K gradients fit in one 5e8-element bucket: one reduce-scatter per step
-            assert counts == {"reduce_scatter_tensor": steps}
+            # the tiny model's 120K gradients fit in one 5e8-element bucket: one reduce-scatter per step;
+            # two fences per step (begin_update, finish_update)
+            assert counts == {"reduce_scatter_tensor": steps, "all_reduce": steps, "barrier": 2 * steps}
         else:
-            # one reduce-scatter per ShardGroup per step
-            assert set(counts) == {"reduce_scatter_tensor"} and counts["reduce_scatter_tensor"] % steps == 0
+            # one reduce-scatter per ShardGroup per step, the same number of fences every step
+            assert set(counts) == {"reduce_scatter_tensor", "all_reduce", "barrier"}, counts
+            assert counts["all_reduce"] == steps, counts
+            assert counts["reduce_scatter_tensor"] % steps == 0 and counts["barrier"] % steps == 0, counts
         assert not r["installed_after_destroy"]
     assert results[0]["counts"] == results[1]["counts"]
 

@@ -153,6 +153,14 @@ KNOWN: dict[str, str] = {
         "the launcher puts the `deepspeed` alias directory on PYTHONPATH; compat owns that path "
         "(a path constant, nothing that trains)"
     ),
+    "src/deepshard/launcher/cli.py: launcher -> autotuning (deepshard.autotuning.tuner)": (
+        "`deepshard --autotuning` hands the command line to the tuner, which starts the short timed runs as "
+        "processes (it imports config and nothing that trains)"
+    ),
+    "src/deepshard/compression/ptq.py: compression -> inference (deepshard.inference.quant)": (
+        "post-training quantization exports to the inference engine's packed QuantizedLinear: one packing, "
+        "owned by inference (compression sits on inference as serve does)"
+    ),
     "src/deepshard/launcher/report.py: launcher -> precision (deepshard.precision.throughput)": (
         "`deepshard report` times a matmul per dtype; the timing helper lives beside the precision "
         "policy that uses it (nothing that trains)"

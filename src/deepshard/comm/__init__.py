@@ -48,7 +48,7 @@ __all__ = [
 # --- observing collectives (the comms logger) -------------------------------------------------------
 # An observer is called instead of each collective below as ``observer(name, fn, args, kwargs)`` and
 # must call ``fn(*args, **kwargs)`` itself and return its result. With none installed (the default)
-# a collective costs one extra Python call and a global read; see deepshard.profiling.comms_logger.
+# a collective costs one extra Python call and a global read; see deepshard.comm.comms_log.
 CollectiveObserver = Callable[[str, Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
 _observer: CollectiveObserver | None = None
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -76,9 +76,9 @@ def _observed(fn: _F) -> _F:
 
 def __getattr__(name: str) -> Any:
     """DeepSpeed's comms-logger API (``configure``, ``log_summary``, ``comms_logger``), served lazily by
-    :mod:`deepshard.profiling.comms_logger` so that this layer imports nothing above it."""
+    :mod:`deepshard.comm.comms_log` so that this layer imports nothing above it."""
     if name in ("configure", "log_summary", "comms_logger"):
-        from deepshard.profiling import comms_logger
+        from deepshard.comm import comms_log as comms_logger
 
         return getattr(comms_logger, name)
     raise AttributeError(f"module 'deepshard.comm' has no attribute {name!r}")

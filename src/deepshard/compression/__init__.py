@@ -2,7 +2,7 @@
 
 DeepSpeed's ``deepspeed.compression`` API: ``init_compression``, ``redundancy_clean``,
 ``student_initialization`` (in :mod:`deepshard.compression.compress`) and ``compression_scheduler``,
-driven by the ``compression_training`` config section (:mod:`deepshard.compression.config`); plus
+driven by the ``compression_training`` config section (:mod:`deepshard.config._compression`); plus
 post-training quantization (:mod:`deepshard.compression.ptq`) and distillation losses
 (:mod:`deepshard.compression.distill`). See docs/compression.md.
 
@@ -14,17 +14,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# deepshard.config's schema imports this package's config models: initialise it first, so that importing
-# deepshard.compression.config before deepshard.config resolves the cycle in that order.
-import deepshard.config  # noqa: F401
-
 _EXPORTS = {
     "init_compression": "deepshard.compression.compress",
     "redundancy_clean": "deepshard.compression.compress",
     "student_initialization": "deepshard.compression.compress",
     "CompressionScheduler": "deepshard.compression.scheduler",
     "compression_scheduler": "deepshard.compression.scheduler",
-    "CompressionConfig": "deepshard.compression.config",
+    "CompressionConfig": "deepshard.config._compression",
 }
 
 __all__ = sorted(_EXPORTS)

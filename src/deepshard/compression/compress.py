@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepshard.compression.config import CompressionConfig, load_compression_config
 from deepshard.compression.layers import (
     CompressedConv2d,
     CompressedEmbedding,
@@ -27,6 +26,7 @@ from deepshard.compression.layers import (
 from deepshard.compression.patterns import GroupPlan, plan
 from deepshard.compression.pruning import parse_block
 from deepshard.compression.quantizers import Rounding
+from deepshard.config._compression import CompressionConfig, load_compression_config
 
 logger = logging.getLogger(__name__)
 

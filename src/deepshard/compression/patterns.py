@@ -17,8 +17,8 @@ from typing import Any
 
 from torch import nn
 
-from deepshard.compression.config import CompressionConfig
 from deepshard.compression.layers import Technique
+from deepshard.config._compression import CompressionConfig
 
 COMPRESSIBLE = (nn.Linear, nn.Conv2d, nn.Embedding, nn.BatchNorm2d)
 

@@ -17,10 +17,10 @@ from typing import Any
 
 from torch import nn
 
-from deepshard.compression.config import load_compression_config
 from deepshard.compression.layers import Technique, _Compressible
 from deepshard.compression.patterns import COMPRESSIBLE, plan
 from deepshard.compression.pruning import cubic_density
+from deepshard.config._compression import load_compression_config
 
 logger = logging.getLogger(__name__)
 

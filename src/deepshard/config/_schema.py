@@ -14,7 +14,7 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import BeforeValidator, Field, PrivateAttr
 
-from deepshard.compression.config import CompressionConfig
+from deepshard.config._compression import CompressionConfig
 from deepshard.config._observability import (
     AutotuningConfig,
     CometConfig,

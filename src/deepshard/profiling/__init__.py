@@ -1,2 +1,3 @@
-"""Profilers (DeepSpeed's ``deepspeed.profiling``): the flops profiler, the communication logger and the
-memory estimators. See docs/observability.md."""
+"""Profilers (DeepSpeed's ``deepspeed.profiling``): the flops profiler and the memory estimators. The
+communication logger observes ``deepshard.comm`` and lives there (:mod:`deepshard.comm.comms_log`). See
+docs/observability.md."""

@@ -31,11 +31,11 @@ from torch.utils.data import Dataset, Sampler
 from deepshard import comm
 from deepshard.accelerator import get_accelerator
 from deepshard.autotuning.experiment import ExperimentRecorder
+from deepshard.comm import comms_log as comms_logger
 from deepshard.comm.bucketing import broadcast_coalesced
 from deepshard.config import DeepShardConfig
 from deepshard.monitor import TrainingMonitor
 from deepshard.precision import LossScaler, PrecisionPolicy, loss_scaler_from_config
-from deepshard.profiling import comms_logger
 from deepshard.profiling.flops_profiler import FlopsProfiler
 from deepshard.runtime.dataloader import DeepShardDataLoader
 from deepshard.runtime.lr_schedules import build_lr_scheduler, write_current_lr
